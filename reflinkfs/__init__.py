@@ -1,0 +1,1 @@
+"""reflinkfs: a FUSE filesystem whose reflinked files share one page cache."""

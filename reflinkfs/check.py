@@ -1,0 +1,367 @@
+"""fsck: one function per invariant of a store, and repairs for what can be repaired.
+
+The extent maps are the truth about which file owns which bytes; refcounts, free space and block counts
+are derived from them and can be rebuilt. What cannot be rebuilt (a block whose checksum does not match,
+an extent past the end of the data file) is reported, and repair turns it into a hole only where the data
+is gone anyway.
+
+Each check returns a list of findings (one line each). `fsck()` runs them all; tests use it as the oracle
+after every operation.
+"""
+from __future__ import annotations
+
+import os
+import stat
+import sqlite3
+from dataclasses import dataclass, field
+
+import xxhash
+
+from .meta import schema
+from .meta.schema import BLOCK_SIZE, ROOT_INO
+from .core.space import to_signed64
+
+BS = BLOCK_SIZE
+
+
+@dataclass
+class Report:
+    findings: list[str] = field(default_factory=list)
+    repaired: list[str] = field(default_factory=list)
+    unrepairable: list[str] = field(default_factory=list)
+
+    @property
+    def clean(self) -> bool:
+        return not self.findings
+
+
+def _coverage(runs) -> list[tuple[int, int, int]]:
+    """Piecewise-constant count of (start, n[, weight]) runs: [(start, end, count)] for count > 0, merged."""
+    events: dict[int, int] = {}
+    for r in runs:
+        s, n = r[0], r[1]
+        w = r[2] if len(r) > 2 else 1
+        events[s] = events.get(s, 0) + w
+        events[s + n] = events.get(s + n, 0) - w
+    out: list[tuple[int, int, int]] = []
+    cur = 0
+    keys = sorted(events)
+    for i, k in enumerate(keys):
+        cur += events[k]
+        if cur and i + 1 < len(keys):
+            nk = keys[i + 1]
+            if out and out[-1][1] == k and out[-1][2] == cur:
+                out[-1] = (out[-1][0], nk, cur)
+            else:
+                out.append((k, nk, cur))
+    return out
+
+
+def _diff(a: list[tuple[int, int, int]], b: list[tuple[int, int, int]]):
+    """Ranges where two piecewise-constant functions differ: (start, end, value_a, value_b)."""
+    pts = sorted({p for s, e, _ in a + b for p in (s, e)})
+
+    def at(runs, p, idx):
+        i = idx[0]
+        while i < len(runs) and runs[i][1] <= p:
+            i += 1
+        idx[0] = i
+        return runs[i][2] if i < len(runs) and runs[i][0] <= p else 0
+
+    ia, ib = [0], [0]
+    out = []
+    for i in range(len(pts) - 1):
+        va, vb = at(a, pts[i], ia), at(b, pts[i], ib)
+        if va != vb:
+            if out and out[-1][1] == pts[i] and out[-1][2:] == (va, vb):
+                out[-1] = (out[-1][0], pts[i + 1], va, vb)
+            else:
+                out.append((pts[i], pts[i + 1], va, vb))
+    return out
+
+
+# -- checks: each returns findings ---------------------------------------------------------------
+def check_refcounts(db) -> list[str]:
+    """Each physical run's refcount equals the number of extent records pointing at it."""
+    want = _coverage(db.execute("SELECT pblock, nblocks FROM extents").fetchall())
+    have = _coverage(db.execute("SELECT pblock, nblocks, refcount FROM refs").fetchall())
+    out = []
+    for s, e, w, h in _diff(want, have)[:50]:
+        if h == 0:
+            out.append(f"refcount: physical blocks {s}-{e - 1} are used by {w} extent(s) but not marked in use")
+        elif w == 0:
+            out.append(f"refcount: physical blocks {s}-{e - 1} have refcount {h} but no extent uses them (leaked)")
+        else:
+            out.append(f"refcount: physical blocks {s}-{e - 1} have refcount {h}, but {w} extent(s) use them")
+    return out
+
+
+def check_runs_disjoint(db) -> list[str]:
+    """Used runs do not overlap each other, free runs do not overlap each other."""
+    out = []
+    for table in ("refs", "free"):
+        prev_end = None
+        for s, n in db.execute(f"SELECT pblock, nblocks FROM {table} ORDER BY pblock"):
+            if n <= 0:
+                out.append(f"{table}: run at physical block {s} has length {n}")
+            if prev_end is not None and s < prev_end:
+                out.append(f"{table}: runs overlap at physical block {s}")
+            prev_end = s + n
+    return out
+
+
+def check_free_vs_used(db) -> list[str]:
+    """No block is both free and used; every block below the high-water mark is one of the two."""
+    used = _coverage(db.execute("SELECT pblock, nblocks FROM refs").fetchall())
+    free = _coverage(db.execute("SELECT pblock, nblocks FROM free").fetchall())
+    out = []
+    both = _coverage([(s, e - s) for s, e, _ in used] + [(s, e - s) for s, e, _ in free])
+    data_blocks = schema.get_meta(db, "data_blocks")
+    for s, e, c in both:
+        if c > 1:
+            out.append(f"space: physical blocks {s}-{e - 1} are both free and in use")
+    covered = _coverage([(s, e - s) for s, e, _ in both])
+    pos = 0
+    for s, e, _ in covered:
+        if s > pos:
+            out.append(f"space: physical blocks {pos}-{min(s, data_blocks) - 1} are neither free nor in use")
+        pos = e
+    if pos < data_blocks:
+        out.append(f"space: physical blocks {pos}-{data_blocks - 1} are neither free nor in use")
+    return out
+
+
+def check_bounds(db, data_path: str) -> list[str]:
+    """No extent, used run or free run lies beyond the data file."""
+    data_blocks = schema.get_meta(db, "data_blocks")
+    out = []
+    file_blocks = os.path.getsize(data_path) // BS if os.path.exists(data_path) else 0
+    for ino, lb, pb, n in db.execute("SELECT ino, lblock, pblock, nblocks FROM extents WHERE pblock + nblocks > ?",
+                                     (data_blocks,)):
+        out.append(f"extent: inode {ino} maps logical block {lb} to physical {pb}+{n}, beyond the data file "
+                   f"({data_blocks} blocks)")
+    for table in ("refs", "free"):
+        for s, n in db.execute(f"SELECT pblock, nblocks FROM {table} WHERE pblock + nblocks > ?", (data_blocks,)):
+            out.append(f"{table}: run {s}+{n} lies beyond the data file ({data_blocks} blocks)")
+    if file_blocks < data_blocks:
+        out.append(f"data file: holds {file_blocks} blocks but the metadata uses {data_blocks}")
+    return out
+
+
+def check_extent_maps(db) -> list[str]:
+    """Per file: extents sorted and non-overlapping, within the size, on regular files, blocks counted."""
+    out = []
+    inodes = {ino: (mode, size, blocks) for ino, mode, size, blocks in
+              db.execute("SELECT ino, mode, size, blocks FROM inodes")}
+    counted: dict[int, int] = {}
+    prev: dict[int, int] = {}
+    for ino, lb, pb, n in db.execute("SELECT ino, lblock, pblock, nblocks FROM extents ORDER BY ino, lblock"):
+        if ino not in inodes:
+            out.append(f"extent: inode {ino} does not exist but maps logical block {lb}")
+            continue
+        mode, size, _ = inodes[ino]
+        if not stat.S_ISREG(mode):
+            out.append(f"extent: inode {ino} is not a regular file but has extents")
+        if n <= 0 or lb < 0 or pb < 0:
+            out.append(f"extent: inode {ino} has an invalid extent ({lb}, {pb}, {n})")
+        if ino in prev and lb < prev[ino]:
+            out.append(f"extent: inode {ino} has overlapping extents at logical block {lb}")
+        prev[ino] = lb + n
+        if (lb + n) * BS >= size + BS:
+            out.append(f"extent: inode {ino} maps logical block {lb + n - 1}, past its size {size}")
+        counted[ino] = counted.get(ino, 0) + n
+    for ino, (_, _, blocks) in inodes.items():
+        if counted.get(ino, 0) != blocks:
+            out.append(f"inode {ino}: block count {blocks}, but its extents map {counted.get(ino, 0)}")
+    return out
+
+
+def check_nlink(db) -> list[str]:
+    """nlink equals the number of entries (directories: 2 + subdirectories)."""
+    out = []
+    entries = dict(db.execute("SELECT ino, COUNT(*) FROM dirents GROUP BY ino"))
+    subdirs = dict(db.execute("SELECT d.parent, COUNT(*) FROM dirents d JOIN inodes i ON i.ino = d.ino "
+                              "WHERE (i.mode & 61440) = 16384 GROUP BY d.parent"))
+    for ino, mode, nlink in db.execute("SELECT ino, mode, nlink FROM inodes WHERE nlink > 0"):
+        if stat.S_ISDIR(mode):
+            want = 2 + subdirs.get(ino, 0)
+        else:
+            want = entries.get(ino, 0)
+        if nlink != want:
+            out.append(f"inode {ino}: nlink is {nlink}, should be {want}")
+    return out
+
+
+def check_tree(db) -> list[str]:
+    """No orphan inodes; entries point at existing inodes inside directories; directories have one entry."""
+    out = []
+    for (ino,) in db.execute("SELECT ino FROM inodes WHERE nlink = 0"):
+        out.append(f"orphan: inode {ino} was unlinked while open and is still allocated (freed at next mount)")
+    for (ino,) in db.execute("SELECT i.ino FROM inodes i WHERE i.nlink > 0 AND i.ino != ? AND NOT EXISTS "
+                             "(SELECT 1 FROM dirents d WHERE d.ino = i.ino)", (ROOT_INO,)):
+        out.append(f"orphan: inode {ino} has no directory entry")
+    for parent, name, ino in db.execute("SELECT d.parent, d.name, d.ino FROM dirents d WHERE NOT EXISTS "
+                                        "(SELECT 1 FROM inodes i WHERE i.ino = d.ino)"):
+        out.append(f"entry: {name!r} in directory {parent} points at missing inode {ino}")
+    for parent, name in db.execute("SELECT d.parent, d.name FROM dirents d LEFT JOIN inodes p ON p.ino = d.parent "
+                                   "WHERE p.ino IS NULL OR (p.mode & 61440) != 16384"):
+        out.append(f"entry: {name!r} is in inode {parent}, which is not a directory")
+    for (ino,) in db.execute("SELECT d.ino FROM dirents d JOIN inodes i ON i.ino = d.ino WHERE "
+                             "(i.mode & 61440) = 16384 GROUP BY d.ino HAVING COUNT(*) > 1"):
+        out.append(f"entry: directory inode {ino} has more than one entry")
+    if db.execute("SELECT 1 FROM inodes WHERE ino=? AND (mode & 61440) = 16384", (ROOT_INO,)).fetchone() is None:
+        out.append("root: the root directory is missing")
+    return out
+
+
+def check_csums_present(db) -> list[str]:
+    """Every used block has a checksum, and no free block keeps one."""
+    out = []
+    used = _coverage(db.execute("SELECT pblock, nblocks FROM refs").fetchall())
+    csum_blocks = [r[0] for r in db.execute("SELECT pblock FROM csums ORDER BY pblock")]
+    have = _coverage([(p, 1) for p in csum_blocks])
+    for s, e, u, h in _diff([(s, e, 1) for s, e, _ in used], [(s, e, 1) for s, e, _ in have])[:50]:
+        if u and not h:
+            out.append(f"checksum: used physical blocks {s}-{e - 1} have no checksum")
+        else:
+            out.append(f"checksum: free physical blocks {s}-{e - 1} still have checksums")
+    return out
+
+
+def check_data(db, data_path: str) -> list[str]:
+    """--verify-data: every used block's bytes match its checksum."""
+    out = []
+    owners = db.execute("SELECT ino, lblock, pblock, nblocks FROM extents ORDER BY pblock").fetchall()
+    with open(data_path, "rb") as f:
+        for s, n in db.execute("SELECT pblock, nblocks FROM refs ORDER BY pblock").fetchall():
+            sums = dict(db.execute("SELECT pblock, csum FROM csums WHERE pblock >= ? AND pblock < ?", (s, s + n)))
+            f.seek(s * BS)
+            for i in range(n):
+                blk = f.read(BS)
+                blk = blk + bytes(BS - len(blk))
+                p = s + i
+                if p in sums and to_signed64(xxhash.xxh3_64_intdigest(blk)) != sums[p]:
+                    who = [f"inode {ino} offset {(lb + p - pb) * BS}" for ino, lb, pb, m in owners if pb <= p < pb + m]
+                    out.append(f"data: physical block {p} does not match its checksum ({', '.join(who) or 'unowned'})")
+    return out
+
+
+CHECKS = [check_runs_disjoint, check_free_vs_used, check_refcounts, check_extent_maps, check_nlink,
+          check_tree, check_csums_present]
+
+
+def run_checks(db, data_path: str, verify_data: bool = False) -> list[str]:
+    findings = []
+    for check in CHECKS:
+        findings += check(db)
+    findings += check_bounds(db, data_path)
+    if verify_data:
+        findings += check_data(db, data_path)
+    return findings
+
+
+# -- repair --------------------------------------------------------------------------------------
+def repair(db, data_path: str) -> tuple[list[str], list[str]]:
+    """Fix what can be derived from the extent maps; return (repaired, unrepairable)."""
+    done, cannot = [], []
+    data_blocks = schema.get_meta(db, "data_blocks")
+    db.execute("BEGIN IMMEDIATE")
+    # entries and extents that point at nothing
+    n = db.execute("DELETE FROM dirents WHERE ino NOT IN (SELECT ino FROM inodes)").rowcount
+    if n:
+        done.append(f"removed {n} directory entries pointing at missing inodes")
+    n = db.execute("DELETE FROM extents WHERE ino NOT IN (SELECT ino FROM inodes WHERE (mode & 61440) = 32768)").rowcount
+    if n:
+        done.append(f"removed {n} extents of missing or non-regular inodes")
+    for ino, lb, pb, m in db.execute("SELECT ino, lblock, pblock, nblocks FROM extents WHERE pblock + nblocks > ?",
+                                     (data_blocks,)).fetchall():
+        db.execute("DELETE FROM extents WHERE ino=? AND lblock=?", (ino, lb))
+        cannot.append(f"inode {ino}: data at byte offset {lb * BS} (+{m * BS}) pointed beyond the data file "
+                      f"and is lost; that range is now a hole")
+    # orphans: unlinked-while-open inodes are freed; unreachable linked ones go to /lost+found
+    orphans = [r[0] for r in db.execute("SELECT ino FROM inodes WHERE nlink = 0")]
+    for ino in orphans:
+        db.execute("DELETE FROM extents WHERE ino=?", (ino,))
+        db.execute("DELETE FROM xattrs WHERE ino=?", (ino,))
+        db.execute("DELETE FROM inodes WHERE ino=?", (ino,))
+    if orphans:
+        done.append(f"freed {len(orphans)} unlinked inode(s)")
+    lost = db.execute("SELECT i.ino FROM inodes i WHERE i.ino != ? AND NOT EXISTS "
+                      "(SELECT 1 FROM dirents d WHERE d.ino = i.ino)", (ROOT_INO,)).fetchall()
+    if lost:
+        lf = db.execute("SELECT ino FROM dirents WHERE parent=? AND name=?", (ROOT_INO, b"lost+found")).fetchone()
+        if lf is None:
+            import time
+            now = time.time_ns()
+            lf_ino = db.execute("INSERT INTO inodes(mode, uid, gid, nlink, atime_ns, mtime_ns, ctime_ns) "
+                                "VALUES (?, 0, 0, 2, ?, ?, ?)", (0o40700, now, now, now)).lastrowid
+            db.execute("INSERT INTO dirents(parent, name, ino) VALUES (?, ?, ?)", (ROOT_INO, b"lost+found", lf_ino))
+        else:
+            lf_ino = lf[0]
+        for (ino,) in lost:
+            db.execute("INSERT INTO dirents(parent, name, ino) VALUES (?, ?, ?)", (lf_ino, f"#{ino}".encode(), ino))
+        done.append(f"moved {len(lost)} unreachable inode(s) to /lost+found")
+    # derived state: block counts, refcounts, free space, nlink
+    db.execute("UPDATE inodes SET blocks = COALESCE((SELECT SUM(nblocks) FROM extents e WHERE e.ino = inodes.ino), 0)")
+    want = _coverage(db.execute("SELECT pblock, nblocks FROM extents").fetchall())
+    have = _coverage(db.execute("SELECT pblock, nblocks, refcount FROM refs").fetchall())
+    if _diff(want, have) or check_runs_disjoint(db) or check_free_vs_used(db):
+        db.execute("DELETE FROM refs")
+        db.executemany("INSERT INTO refs(pblock, nblocks, refcount) VALUES (?, ?, ?)",
+                       [(s, e - s, c) for s, e, c in want])
+        db.execute("DELETE FROM free")
+        pos = 0
+        for s, e, _ in _coverage([(s, e - s) for s, e, _ in want]):
+            if s > pos:
+                db.execute("INSERT INTO free(pblock, nblocks) VALUES (?, ?)", (pos, s - pos))
+            pos = e
+        if pos < data_blocks:
+            db.execute("INSERT INTO free(pblock, nblocks) VALUES (?, ?)", (pos, data_blocks - pos))
+        done.append("rebuilt refcounts and free space from the extent maps")
+    n = db.execute("DELETE FROM csums WHERE NOT EXISTS (SELECT 1 FROM refs r WHERE r.pblock <= csums.pblock "
+                   "AND csums.pblock < r.pblock + r.nblocks)").rowcount
+    if n:
+        done.append(f"dropped {n} checksums of free blocks")
+    fixed = 0
+    for ino, mode, nlink in db.execute("SELECT ino, mode, nlink FROM inodes").fetchall():
+        if stat.S_ISDIR(mode):
+            want_n = 2 + db.execute("SELECT COUNT(*) FROM dirents d JOIN inodes i ON i.ino = d.ino WHERE "
+                                    "d.parent=? AND (i.mode & 61440) = 16384", (ino,)).fetchone()[0]
+        else:
+            want_n = db.execute("SELECT COUNT(*) FROM dirents WHERE ino=?", (ino,)).fetchone()[0]
+        if nlink != want_n:
+            db.execute("UPDATE inodes SET nlink=? WHERE ino=?", (want_n, ino))
+            fixed += 1
+    if fixed:
+        done.append(f"corrected nlink of {fixed} inode(s)")
+    db.execute("COMMIT")
+    for f in check_csums_present(db):
+        if "no checksum" in f:
+            cannot.append(f + " (their contents cannot be verified; reading them gives EIO)")
+    return done, cannot
+
+
+def fsck(store: str, repair_: bool = False, verify_data: bool = False) -> Report:
+    """Check (and optionally repair) a store that is not mounted. Raises StoreError if unusable."""
+    import fcntl
+    db = schema.open_store_db(store)
+    lock_fd = os.open(os.path.join(store, schema.LOCK_NAME), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        try:
+            fcntl.flock(lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            from .errors import StoreError
+            raise StoreError(f"{store}: store is in use (mounted?); unmount it before fsck") from None
+        return fsck_db(db, os.path.join(store, schema.DATA_NAME), repair_, verify_data)
+    finally:
+        os.close(lock_fd)
+        db.close()
+
+
+def fsck_db(db: sqlite3.Connection, data_path: str, repair_: bool = False, verify_data: bool = False) -> Report:
+    rep = Report(findings=run_checks(db, data_path, verify_data))
+    if repair_ and rep.findings:
+        rep.repaired, rep.unrepairable = repair(db, data_path)
+        known = " ".join(rep.unrepairable)
+        rep.unrepairable += [f for f in run_checks(db, data_path, verify_data) if f not in known]
+    return rep

@@ -1,0 +1,91 @@
+"""Command line: `reflinkfs mkfs | fsck | mount | umount | clone | stat | df | status`.
+
+Every failure a user can cause ends as one line on stderr and a non-zero exit, never a traceback.
+`main(argv)` returns the exit code, so tests call it directly.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from .errors import FsError, StoreError
+
+
+def _size(text: str) -> int:
+    units = {"k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
+    t = text.strip().lower().removesuffix("ib").removesuffix("b")
+    try:
+        if t and t[-1] in units:
+            return int(float(t[:-1]) * units[t[-1]])
+        return int(t)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a size: {text!r} (use bytes or a suffix K, M, G, T)") from None
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):
+        self.exit(2, f"reflinkfs: {message}\n")
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    p = _Parser(prog="reflinkfs", description="A FUSE filesystem whose reflinked files share one page cache.")
+    sub = p.add_subparsers(dest="cmd", required=True, parser_class=_Parser)
+
+    s = sub.add_parser("mkfs", help="create a store")
+    s.add_argument("store")
+    s.add_argument("--size", type=_size, default=0, help="limit the store's data to this many bytes")
+
+    s = sub.add_parser("fsck", help="check a store that is not mounted")
+    s.add_argument("store")
+    s.add_argument("--repair", action="store_true", help="fix what can be fixed")
+    s.add_argument("--verify-data", action="store_true", help="also verify every block's checksum")
+
+    from . import commands
+    commands.add_parsers(sub)
+    return p.parse_args(argv)
+
+
+def cmd_mkfs(args) -> int:
+    from .meta.schema import mkfs
+    mkfs(args.store, size_limit=args.size)
+    print(f"created store {args.store}" + (f" limited to {args.size} bytes" if args.size else ""))
+    return 0
+
+
+def cmd_fsck(args) -> int:
+    from .check import fsck
+    rep = fsck(args.store, repair_=args.repair, verify_data=args.verify_data)
+    for f in rep.findings:
+        print(f)
+    for r in rep.repaired:
+        print(f"repaired: {r}")
+    for u in rep.unrepairable:
+        print(f"not repaired: {u}")
+    if rep.clean:
+        print(f"{args.store}: clean", file=sys.stderr)
+        return 0
+    if args.repair and not rep.unrepairable:
+        return 0 if rep.repaired else 1
+    return 1
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    handler = globals().get(f"cmd_{args.cmd}") or getattr(__import__("reflinkfs.commands").commands,
+                                                           f"cmd_{args.cmd}")
+    try:
+        return handler(args)
+    except (StoreError, FsError) as e:
+        print(f"reflinkfs {args.cmd}: {e if isinstance(e, StoreError) else e.message}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"reflinkfs {args.cmd}: interrupted", file=sys.stderr)
+        return 130
+    except OSError as e:
+        name = f" {e.filename}" if e.filename else ""
+        print(f"reflinkfs {args.cmd}:{name} {e.strerror or e}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

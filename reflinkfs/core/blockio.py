@@ -1,0 +1,68 @@
+"""Reading and writing physical blocks, with checksums, through a cache.
+
+This is the one path between the volume and the data file. Reads verify every block against its
+xxh3-64 checksum before it can reach a caller or a cache; a mismatch raises EIO naming the inode and the
+byte offset in that file, never returns the wrong bytes. Writes go to the data file and then to the cache,
+so the cache is coherent by construction.
+
+`UncachedIO` is the base: no cache at all. The caches in `cache.py` subclass it and change where a
+block's bytes come from, never how they are checked.
+"""
+from __future__ import annotations
+
+import errno
+
+import xxhash
+
+from ..errors import FsError
+from ..meta.schema import BLOCK_SIZE
+from .datafile import DataFile
+from .space import Space, to_signed64
+
+BS = BLOCK_SIZE
+_xxh = xxhash.xxh3_64_intdigest
+
+
+def checksums(pblock: int, data) -> list[tuple[int, int]]:
+    mv = memoryview(data)
+    return [(pblock + i, to_signed64(_xxh(mv[i * BS:(i + 1) * BS]))) for i in range(len(mv) // BS)]
+
+
+class UncachedIO:
+    name = "none"
+
+    def __init__(self, data: DataFile, space: Space):
+        self.data = data
+        self.space = space
+
+    # -- the data file, verified -------------------------------------------------------------
+    def load(self, pblock: int, nblocks: int, ino: int, lblock: int) -> bytes:
+        """Read physical blocks from the data file and verify each one's checksum."""
+        buf = self.data.read(pblock, nblocks)
+        sums = self.space.csums(pblock, nblocks)
+        mv = memoryview(buf)
+        for i in range(nblocks):
+            want = sums.get(pblock + i)
+            if want is None or to_signed64(_xxh(mv[i * BS:(i + 1) * BS])) != want:
+                what = "has no checksum" if want is None else "checksum mismatch"
+                raise FsError(errno.EIO, f"inode {ino}: data at byte offset {(lblock + i) * BS} is damaged "
+                                         f"({what} at physical block {pblock + i})")
+        return buf
+
+    # -- the interface the volume uses -------------------------------------------------------
+    def read(self, ino: int, lblock: int, pblock: int, nblocks: int) -> list:
+        """Buffers that together hold exactly nblocks blocks."""
+        return [self.load(pblock, nblocks, ino, lblock)]
+
+    def write(self, ino: int, lblock: int, pblock: int, data) -> None:
+        self.data.write(pblock, data)
+        self.space.set_csums(checksums(pblock, data))
+
+    def drop_phys(self, pblock: int, nblocks: int) -> None:
+        """Physical blocks were released."""
+
+    def drop_inode(self, ino: int, lblock: int, lend: int | None) -> None:
+        """A file's mapping of [lblock, lend) changed (lend None = to the end)."""
+
+    def stats(self) -> dict:
+        return {"mode": self.name}

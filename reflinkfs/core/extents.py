@@ -1,0 +1,70 @@
+"""Per-file extent maps: sorted, non-overlapping runs (lblock -> pblock, nblocks); gaps are holes.
+
+These functions only edit the `extents` table and each inode's `blocks` count; the caller adjusts
+refcounts for what it maps and unmaps. Adjacent runs that are contiguous both logically and physically
+are merged, so a file written sequentially stays one extent.
+"""
+from __future__ import annotations
+
+import sqlite3
+
+Extent = tuple[int, int, int]  # (lblock, pblock, nblocks)
+
+
+def lookup(db: sqlite3.Connection, ino: int, start: int, end: int) -> list[Extent]:
+    """Extents overlapping logical blocks [start, end), clipped to it, in order."""
+    if start >= end:
+        return []
+    rows = db.execute("SELECT lblock, pblock, nblocks FROM extents WHERE ino=? AND lblock<=? "
+                      "ORDER BY lblock DESC LIMIT 1", (ino, start)).fetchall()
+    rows += db.execute("SELECT lblock, pblock, nblocks FROM extents WHERE ino=? AND lblock>? AND lblock<? "
+                       "ORDER BY lblock", (ino, start, end)).fetchall()
+    out = []
+    for lb, pb, n in rows:
+        lo, hi = max(lb, start), min(lb + n, end)
+        if lo < hi:
+            out.append((lo, pb + (lo - lb), hi - lo))
+    return out
+
+
+def all_extents(db: sqlite3.Connection, ino: int) -> list[Extent]:
+    return db.execute("SELECT lblock, pblock, nblocks FROM extents WHERE ino=? ORDER BY lblock",
+                      (ino,)).fetchall()
+
+
+def unmap(db: sqlite3.Connection, ino: int, start: int, end: int) -> list[Extent]:
+    """Remove the mapping of logical blocks [start, end); return the removed (clipped) extents."""
+    removed = lookup(db, ino, start, end)
+    if not removed:
+        return removed
+    first = db.execute("SELECT lblock, pblock, nblocks FROM extents WHERE ino=? AND lblock<=? "
+                       "ORDER BY lblock DESC LIMIT 1", (ino, start)).fetchone()
+    last = db.execute("SELECT lblock, pblock, nblocks FROM extents WHERE ino=? AND lblock<? "
+                      "ORDER BY lblock DESC LIMIT 1", (ino, end)).fetchone()
+    db.execute("DELETE FROM extents WHERE ino=? AND lblock>=? AND lblock<?", (ino, start, end))
+    if first and first[0] < start and first[0] + first[2] > start:
+        db.execute("UPDATE extents SET nblocks=? WHERE ino=? AND lblock=?", (start - first[0], ino, first[0]))
+    if last and last[0] + last[2] > end:
+        lb, pb, n = last
+        db.execute("INSERT INTO extents(ino, lblock, pblock, nblocks) VALUES (?, ?, ?, ?)",
+                   (ino, end, pb + (end - lb), lb + n - end))
+    db.execute("UPDATE inodes SET blocks=blocks-? WHERE ino=?", (sum(e[2] for e in removed), ino))
+    return removed
+
+
+def map_run(db: sqlite3.Connection, ino: int, lblock: int, pblock: int, nblocks: int) -> None:
+    """Map [lblock, lblock+nblocks) -> pblock..; the logical range must be unmapped."""
+    prev = db.execute("SELECT lblock, pblock, nblocks FROM extents WHERE ino=? AND lblock<? "
+                      "ORDER BY lblock DESC LIMIT 1", (ino, lblock)).fetchone()
+    nxt = db.execute("SELECT pblock, nblocks FROM extents WHERE ino=? AND lblock=?",
+                     (ino, lblock + nblocks)).fetchone()
+    n = nblocks
+    if nxt and nxt[0] == pblock + nblocks:
+        db.execute("DELETE FROM extents WHERE ino=? AND lblock=?", (ino, lblock + nblocks))
+        n += nxt[1]
+    if prev and prev[0] + prev[2] == lblock and prev[1] + prev[2] == pblock:
+        db.execute("UPDATE extents SET nblocks=? WHERE ino=? AND lblock=?", (prev[2] + n, ino, prev[0]))
+    else:
+        db.execute("INSERT INTO extents(ino, lblock, pblock, nblocks) VALUES (?, ?, ?, ?)",
+                   (ino, lblock, pblock, n))
+    db.execute("UPDATE inodes SET blocks=blocks+? WHERE ino=?", (nblocks, ino))

@@ -1,0 +1,206 @@
+"""Physical space: refcounted runs of used blocks, the free-run allocator, and block checksums.
+
+Guarantees (all inside the caller's open database transaction):
+- `refs` holds non-overlapping runs of used blocks, each with a refcount >= 1. `incref`/`decref` split
+  runs where a range partially overlaps one (like XFS's refcount btree), so cost is O(runs touched).
+- A block whose refcount drops to 0 is not free yet: it goes to `pending`, and becomes allocatable only
+  after the transaction that released it commits (`on_commit`). Until then the committed state may still
+  refer to it, so it must keep its bytes.
+- Blocks allocated in the open transaction are remembered in `fresh`: no committed state refers to them,
+  so they may be overwritten in place. Everything else is copy-on-write.
+- The allocator prefers one contiguous free run (smallest that fits), then grows the data file, then
+  gathers smaller free runs; it raises ENOSPC when the size limit leaves no room.
+
+Callers must run everything here from one thread, between the volume's BEGIN and COMMIT.
+"""
+from __future__ import annotations
+
+import errno
+import sqlite3
+
+from ..errors import FsError
+from ..meta.schema import get_meta, set_meta
+from .intervals import IntervalSet
+
+Run = tuple[int, int]  # (pblock, nblocks)
+
+
+def to_signed64(x: int) -> int:
+    return x - (1 << 64) if x >= (1 << 63) else x
+
+
+class Space:
+    def __init__(self, db: sqlite3.Connection, on_release=None):
+        self.db = db
+        self._on_release = on_release or (lambda pblock, nblocks: None)
+        self.pending: list[Run] = []
+        self.fresh = IntervalSet()
+        self.data_blocks = get_meta(db, "data_blocks")
+        self.limit_blocks = get_meta(db, "size_limit_blocks")
+
+    # -- refcounts ---------------------------------------------------------------------------
+    def _split_at(self, pblock: int) -> None:
+        """Make sure no refs run straddles pblock (a run may start at it)."""
+        row = self.db.execute("SELECT pblock, nblocks, refcount FROM refs WHERE pblock < ? "
+                              "ORDER BY pblock DESC LIMIT 1", (pblock,)).fetchone()
+        if row and row[0] + row[1] > pblock:
+            start, n, rc = row
+            self.db.execute("UPDATE refs SET nblocks=? WHERE pblock=?", (pblock - start, start))
+            self.db.execute("INSERT INTO refs(pblock, nblocks, refcount) VALUES (?, ?, ?)",
+                            (pblock, start + n - pblock, rc))
+
+    def _runs_in(self, pblock: int, nblocks: int) -> list[tuple[int, int, int]]:
+        self._split_at(pblock)
+        self._split_at(pblock + nblocks)
+        rows = self.db.execute("SELECT pblock, nblocks, refcount FROM refs WHERE pblock >= ? AND "
+                               "pblock < ? ORDER BY pblock", (pblock, pblock + nblocks)).fetchall()
+        covered = sum(r[1] for r in rows)
+        if covered != nblocks:
+            raise FsError(errno.EIO, f"store damaged: physical blocks {pblock}+{nblocks} are not all "
+                                     f"in use (run fsck)")
+        return rows
+
+    def incref(self, pblock: int, nblocks: int) -> None:
+        for start, n, rc in self._runs_in(pblock, nblocks):
+            self.db.execute("UPDATE refs SET refcount=? WHERE pblock=?", (rc + 1, start))
+        self.fresh.remove(pblock, pblock + nblocks)
+
+    def decref(self, pblock: int, nblocks: int) -> None:
+        for start, n, rc in self._runs_in(pblock, nblocks):
+            if rc > 1:
+                self.db.execute("UPDATE refs SET refcount=? WHERE pblock=?", (rc - 1, start))
+            else:
+                self.db.execute("DELETE FROM refs WHERE pblock=?", (start,))
+                self.db.execute("DELETE FROM csums WHERE pblock >= ? AND pblock < ?", (start, start + n))
+                self.fresh.remove(start, start + n)
+                self.pending.append((start, n))
+                self._on_release(start, n)
+
+    def refcount(self, pblock: int) -> int:
+        row = self.db.execute("SELECT pblock, nblocks, refcount FROM refs WHERE pblock <= ? "
+                              "ORDER BY pblock DESC LIMIT 1", (pblock,)).fetchone()
+        return row[2] if row and row[0] + row[1] > pblock else 0
+
+    def refcounts(self, pblock: int, nblocks: int) -> list[tuple[int, int, int]]:
+        """(pblock, nblocks, refcount) pieces covering [pblock, pblock+nblocks), without splitting."""
+        end = pblock + nblocks
+        first = self.db.execute("SELECT pblock, nblocks, refcount FROM refs WHERE pblock <= ? "
+                                "ORDER BY pblock DESC LIMIT 1", (pblock,)).fetchall()
+        rest = self.db.execute("SELECT pblock, nblocks, refcount FROM refs WHERE pblock > ? AND "
+                               "pblock < ? ORDER BY pblock", (pblock, end)).fetchall()
+        out = []
+        for s, n, rc in first + rest:
+            lo, hi = max(s, pblock), min(s + n, end)
+            if lo < hi:
+                out.append((lo, hi - lo, rc))
+        return out
+
+    # -- allocation --------------------------------------------------------------------------
+    def free_blocks(self) -> int:
+        return self.db.execute("SELECT COALESCE(SUM(nblocks), 0) FROM free").fetchone()[0]
+
+    def room_to_grow(self) -> int | None:
+        return None if not self.limit_blocks else max(0, self.limit_blocks - self.data_blocks)
+
+    def alloc(self, nblocks: int) -> list[Run]:
+        """Allocate nblocks blocks (refcount 1) as few runs as possible."""
+        assert nblocks > 0
+        row = self.db.execute("SELECT pblock, nblocks FROM free WHERE nblocks >= ? "
+                              "ORDER BY nblocks, pblock LIMIT 1", (nblocks,)).fetchone()
+        if row:
+            runs = [self._take_free(row[0], row[1], nblocks)]
+        else:
+            runs = []
+            need = nblocks
+            room = self.room_to_grow()
+            grow = need if room is None else min(need, room)
+            # free space at the very end of the file extends into the growth: one run, not two
+            tail = self.db.execute("SELECT pblock, nblocks FROM free ORDER BY pblock DESC LIMIT 1").fetchone()
+            if tail and tail[0] + tail[1] == self.data_blocks and (room is None or tail[1] + room >= need):
+                runs.append(self._take_free(tail[0], tail[1], tail[1]))
+                need -= tail[1]
+                grow = need
+            if grow < need:
+                have = self.free_blocks()
+                if have + grow < need:
+                    raise FsError(errno.ENOSPC, "no space left in the store")
+                for start, n in self.db.execute("SELECT pblock, nblocks FROM free ORDER BY nblocks DESC, "
+                                                "pblock").fetchall():
+                    if need <= grow:
+                        break
+                    take = min(n, need - grow)
+                    runs.append(self._take_free(start, n, take))
+                    need -= take
+            if need:
+                runs.append((self.data_blocks, need))
+                self.data_blocks += need
+                set_meta(self.db, "data_blocks", self.data_blocks)
+        runs = _coalesce(runs)
+        for start, n in runs:
+            self._insert_ref1(start, n)
+            self.fresh.add(start, start + n)
+        return runs
+
+    def _insert_ref1(self, start: int, n: int) -> None:
+        """Insert a refcount-1 run, merged with refcount-1 neighbours to keep `refs` small."""
+        prev = self.db.execute("SELECT pblock, nblocks, refcount FROM refs WHERE pblock < ? "
+                               "ORDER BY pblock DESC LIMIT 1", (start,)).fetchone()
+        nxt = self.db.execute("SELECT nblocks, refcount FROM refs WHERE pblock=?", (start + n,)).fetchone()
+        if nxt and nxt[1] == 1:
+            self.db.execute("DELETE FROM refs WHERE pblock=?", (start + n,))
+            n += nxt[0]
+        if prev and prev[2] == 1 and prev[0] + prev[1] == start:
+            self.db.execute("UPDATE refs SET nblocks=? WHERE pblock=?", (prev[1] + n, prev[0]))
+        else:
+            self.db.execute("INSERT INTO refs(pblock, nblocks, refcount) VALUES (?, ?, 1)", (start, n))
+
+    def _take_free(self, start: int, n: int, take: int) -> Run:
+        self.db.execute("DELETE FROM free WHERE pblock=?", (start,))
+        if take < n:
+            self.db.execute("INSERT INTO free(pblock, nblocks) VALUES (?, ?)", (start + take, n - take))
+        return (start, take)
+
+    def on_commit(self) -> None:
+        """Called inside the transaction, just before COMMIT: released blocks become free runs."""
+        for start, n in _coalesce(sorted(self.pending)):
+            self._add_free(start, n)
+        self.pending.clear()
+
+    def after_commit(self) -> None:
+        self.fresh.clear()
+
+    def rollback_to(self, mark: int) -> None:
+        """An operation was rolled back: forget what it released and the file growth it took.
+        Blocks it allocated stay in `fresh`; that is harmless, since nothing maps them now."""
+        del self.pending[mark:]
+        self.data_blocks = get_meta(self.db, "data_blocks")
+
+    def _add_free(self, start: int, n: int) -> None:
+        prev = self.db.execute("SELECT pblock, nblocks FROM free WHERE pblock < ? ORDER BY pblock DESC "
+                               "LIMIT 1", (start,)).fetchone()
+        if prev and prev[0] + prev[1] == start:
+            self.db.execute("DELETE FROM free WHERE pblock=?", (prev[0],))
+            start, n = prev[0], prev[1] + n
+        nxt = self.db.execute("SELECT nblocks FROM free WHERE pblock=?", (start + n,)).fetchone()
+        if nxt:
+            self.db.execute("DELETE FROM free WHERE pblock=?", (start + n,))
+            n += nxt[0]
+        self.db.execute("INSERT INTO free(pblock, nblocks) VALUES (?, ?)", (start, n))
+
+    # -- checksums ---------------------------------------------------------------------------
+    def set_csums(self, rows: list[tuple[int, int]]) -> None:
+        self.db.executemany("INSERT OR REPLACE INTO csums(pblock, csum) VALUES (?, ?)", rows)
+
+    def csums(self, pblock: int, nblocks: int) -> dict[int, int]:
+        return dict(self.db.execute("SELECT pblock, csum FROM csums WHERE pblock >= ? AND pblock < ?",
+                                    (pblock, pblock + nblocks)))
+
+
+def _coalesce(runs: list[Run]) -> list[Run]:
+    out: list[Run] = []
+    for s, n in runs:
+        if out and out[-1][0] + out[-1][1] == s:
+            out[-1] = (out[-1][0], out[-1][1] + n)
+        else:
+            out.append((s, n))
+    return out

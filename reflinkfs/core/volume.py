@@ -1,0 +1,797 @@
+"""The filesystem core: namespace, file data over shared extents, transactions. No FUSE here.
+
+Guarantees:
+- Every public method either completes or changes nothing: each runs inside a SQLite savepoint that is
+  rolled back (with the in-memory space bookkeeping) when it raises.
+- Changes are grouped into transactions; `commit()` writes the data file to disk and then commits the
+  metadata that refers to it. After a crash the store opens at the last commit, whose blocks were never
+  overwritten: a block with refcount > 1 or one that a committed state refers to is always copied on
+  write; only blocks allocated in the open transaction are overwritten in place.
+- Bytes past a file's size inside its last block are always zero, so growing a file (truncate, write
+  past EOF, sharing a partial last block) never exposes old data.
+
+Concurrency: the volume is not thread-safe; the FUSE adapter calls it from one thread, and each call
+runs to completion without yielding.
+
+Callers pass names as bytes, times in nanoseconds, offsets in bytes; `log_*`/`lblock` are logical
+(per-file) block numbers, `pblock` physical ones.
+"""
+from __future__ import annotations
+
+import collections
+import errno
+import fcntl
+import os
+import stat
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+from ..errors import FsError, StoreError
+from ..meta import schema
+from ..meta.schema import BLOCK_SIZE, ROOT_INO
+from . import extents as ext
+from .blockio import UncachedIO
+from .datafile import DataFile
+from .space import Space
+
+BS = BLOCK_SIZE
+MAX_FILE_SIZE = 1 << 46          # 64 TiB
+MAX_NAME = 255
+END = 1 << 62                    # "to the end of the file" in logical blocks
+COPY_CHUNK = 8 << 20             # bytes copied per step when a clone must move data
+
+RENAME_NOREPLACE = 1
+RENAME_EXCHANGE = 2
+
+XATTR_CREATE = 1
+XATTR_REPLACE = 2
+
+
+@dataclass
+class Attr:
+    ino: int
+    mode: int
+    nlink: int
+    uid: int
+    gid: int
+    rdev: int
+    size: int
+    blocks: int          # mapped 4 KiB blocks
+    atime_ns: int
+    mtime_ns: int
+    ctime_ns: int
+
+
+_ATTR_COLS = "ino, mode, nlink, uid, gid, rdev, size, blocks, atime_ns, mtime_ns, ctime_ns"
+
+
+def _ceil_div(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def _check_name(name: bytes) -> None:
+    if len(name) > MAX_NAME:
+        raise FsError(errno.ENAMETOOLONG, f"name longer than {MAX_NAME} bytes")
+    if not name or b"/" in name or b"\0" in name or name in (b".", b".."):
+        raise FsError(errno.EINVAL, f"invalid name {name!r}")
+
+
+class Volume:
+    """A store opened for use. Build with `Volume.open(store)`; always `close()`."""
+
+    def __init__(self, store: str, db, data: DataFile, lock_fd: int, io_factory=None):
+        self.store = store
+        self.db = db
+        self.data = data
+        self._lock_fd = lock_fd
+        self.space = Space(db, on_release=self._released)
+        self.io = (io_factory or UncachedIO)(data, self.space)
+        self._in_txn = False
+        self._open = collections.Counter()     # ino -> open handles (unlinked files live until 0)
+        self.last_commit = time.monotonic()
+        self.commits = 0
+        self._purge_orphans()
+
+    # -- lifetime ------------------------------------------------------------------------------
+    @classmethod
+    def open(cls, store: str, io_factory=None, direct: bool = True) -> "Volume":
+        db = schema.open_store_db(store)
+        lock_fd = os.open(os.path.join(store, schema.LOCK_NAME), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(lock_fd)
+            db.close()
+            raise StoreError(f"{store}: store is in use (mounted, or being checked); unmount it first") from None
+        try:
+            data = DataFile(os.path.join(store, schema.DATA_NAME), direct=direct)
+            data_blocks = schema.get_meta(db, "data_blocks")
+            if data.size_blocks() < data_blocks:
+                if data.size_blocks() == 0 and data_blocks:
+                    raise StoreError(f"{store}: data file is empty but the metadata uses {data_blocks} blocks; "
+                                     f"the data file was lost or replaced")
+                data.ensure_size(data_blocks)   # a crash may leave it short; the missing tail reads as zeros
+            return cls(store, db, data, lock_fd, io_factory)
+        except BaseException:
+            os.close(lock_fd)
+            db.close()
+            raise
+
+    def close(self) -> None:
+        if self.db is None:
+            return
+        self.commit()
+        self.data.close()
+        self.db.close()
+        os.close(self._lock_fd)
+        self.db = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    # -- transactions --------------------------------------------------------------------------
+    def _begin(self) -> None:
+        if not self._in_txn:
+            self.db.execute("BEGIN IMMEDIATE")
+            self._in_txn = True
+
+    @contextmanager
+    def _op(self):
+        self._begin()
+        self.db.execute("SAVEPOINT op")
+        mark = len(self.space.pending)
+        try:
+            yield
+        except BaseException:
+            self.db.execute("ROLLBACK TO op")
+            self.db.execute("RELEASE op")
+            self.space.rollback_to(mark)
+            raise
+        self.db.execute("RELEASE op")
+
+    def commit(self) -> None:
+        """Make everything done so far durable: data first, then the metadata that refers to it."""
+        if not self._in_txn:
+            return
+        self.space.on_commit()
+        self.data.sync()
+        self.db.execute("COMMIT")
+        self._in_txn = False
+        self.space.after_commit()
+        self.last_commit = time.monotonic()
+        self.commits += 1
+
+    @property
+    def dirty(self) -> bool:
+        return self._in_txn
+
+    def _retry_enospc(self, fn, *args):
+        """Run an op; on ENOSPC, commit (which frees released blocks) and try once more."""
+        try:
+            return fn(*args)
+        except FsError as e:
+            if e.errno != errno.ENOSPC or not self.space.pending:
+                raise
+        self.commit()
+        return fn(*args)
+
+    def _released(self, pblock: int, nblocks: int) -> None:
+        self.io.drop_phys(pblock, nblocks)
+
+    # -- inodes --------------------------------------------------------------------------------
+    def _row(self, ino: int) -> Attr:
+        row = self.db.execute(f"SELECT {_ATTR_COLS} FROM inodes WHERE ino=?", (ino,)).fetchone()
+        if row is None:
+            raise FsError(errno.ENOENT, f"no inode {ino}")
+        return Attr(*row)
+
+    getattr = _row
+
+    def _dir(self, ino: int) -> Attr:
+        a = self._row(ino)
+        if not stat.S_ISDIR(a.mode):
+            raise FsError(errno.ENOTDIR)
+        return a
+
+    def _reg(self, ino: int) -> Attr:
+        a = self._row(ino)
+        if stat.S_ISDIR(a.mode):
+            raise FsError(errno.EISDIR)
+        if not stat.S_ISREG(a.mode):
+            raise FsError(errno.EINVAL, "not a regular file")
+        return a
+
+    def _touch(self, ino: int, mtime: bool = True) -> None:
+        now = time.time_ns()
+        if mtime:
+            self.db.execute("UPDATE inodes SET mtime_ns=?, ctime_ns=? WHERE ino=?", (now, now, ino))
+        else:
+            self.db.execute("UPDATE inodes SET ctime_ns=? WHERE ino=?", (now, ino))
+
+    def _child(self, parent: int, name: bytes) -> int | None:
+        row = self.db.execute("SELECT ino FROM dirents WHERE parent=? AND name=?", (parent, name)).fetchone()
+        return row[0] if row else None
+
+    def lookup(self, parent: int, name: bytes) -> Attr:
+        self._dir(parent)
+        if len(name) > MAX_NAME:
+            raise FsError(errno.ENAMETOOLONG)
+        if name == b".":
+            return self._row(parent)
+        if name == b"..":
+            row = self.db.execute("SELECT parent FROM dirents WHERE ino=?", (parent,)).fetchone()
+            return self._row(row[0] if row else ROOT_INO)
+        ino = self._child(parent, name)
+        if ino is None:
+            raise FsError(errno.ENOENT)
+        return self._row(ino)
+
+    def _new_inode(self, parent: int, name: bytes, mode: int, uid: int, gid: int, rdev: int = 0,
+                   target: bytes | None = None) -> Attr:
+        _check_name(name)
+        p = self._dir(parent)
+        if p.nlink == 0:
+            raise FsError(errno.ENOENT, "directory was removed")
+        if self._child(parent, name) is not None:
+            raise FsError(errno.EEXIST)
+        now = time.time_ns()
+        is_dir = stat.S_ISDIR(mode)
+        if p.mode & stat.S_ISGID:   # BSD group semantics of a setgid directory
+            gid = p.gid
+            if is_dir:
+                mode |= stat.S_ISGID
+        size = len(target) if target is not None else 0
+        cur = self.db.execute("INSERT INTO inodes(mode, uid, gid, nlink, size, rdev, atime_ns, mtime_ns, "
+                              "ctime_ns, target) VALUES (?,?,?,?,?,?,?,?,?,?)",
+                              (mode, uid, gid, 2 if is_dir else 1, size, rdev, now, now, now, target))
+        ino = cur.lastrowid
+        self.db.execute("INSERT INTO dirents(parent, name, ino) VALUES (?, ?, ?)", (parent, name, ino))
+        if is_dir:
+            self.db.execute("UPDATE inodes SET nlink=nlink+1 WHERE ino=?", (parent,))
+        self._touch(parent)
+        return self._row(ino)
+
+    def mknod(self, parent: int, name: bytes, mode: int, uid: int, gid: int, rdev: int = 0) -> Attr:
+        if stat.S_IFMT(mode) == 0:
+            mode |= stat.S_IFREG
+        if stat.S_ISDIR(mode) or stat.S_ISLNK(mode):
+            raise FsError(errno.EINVAL, "use mkdir or symlink")
+        with self._op():
+            return self._new_inode(parent, name, mode, uid, gid, rdev)
+
+    def create(self, parent: int, name: bytes, mode: int, uid: int, gid: int) -> Attr:
+        return self.mknod(parent, name, stat.S_IFREG | stat.S_IMODE(mode), uid, gid)
+
+    def mkdir(self, parent: int, name: bytes, mode: int, uid: int, gid: int) -> Attr:
+        with self._op():
+            return self._new_inode(parent, name, stat.S_IFDIR | (mode & 0o7777), uid, gid)
+
+    def symlink(self, parent: int, name: bytes, target: bytes, uid: int, gid: int) -> Attr:
+        if len(target) > 4095:
+            raise FsError(errno.ENAMETOOLONG, "symlink target too long")
+        with self._op():
+            return self._new_inode(parent, name, stat.S_IFLNK | 0o777, uid, gid, target=target)
+
+    def readlink(self, ino: int) -> bytes:
+        row = self.db.execute("SELECT mode, target FROM inodes WHERE ino=?", (ino,)).fetchone()
+        if row is None:
+            raise FsError(errno.ENOENT)
+        if not stat.S_ISLNK(row[0]):
+            raise FsError(errno.EINVAL, "not a symlink")
+        return row[1]
+
+    def link(self, ino: int, new_parent: int, new_name: bytes) -> Attr:
+        with self._op():
+            a = self._row(ino)
+            if stat.S_ISDIR(a.mode):
+                raise FsError(errno.EPERM, "hard links to directories are not allowed")
+            if a.nlink == 0:
+                raise FsError(errno.ENOENT, "file was removed")
+            _check_name(new_name)
+            p = self._dir(new_parent)
+            if p.nlink == 0:
+                raise FsError(errno.ENOENT)
+            if self._child(new_parent, new_name) is not None:
+                raise FsError(errno.EEXIST)
+            self.db.execute("INSERT INTO dirents(parent, name, ino) VALUES (?, ?, ?)", (new_parent, new_name, ino))
+            self.db.execute("UPDATE inodes SET nlink=nlink+1 WHERE ino=?", (ino,))
+            self._touch(ino, mtime=False)
+            self._touch(new_parent)
+            return self._row(ino)
+
+    def unlink(self, parent: int, name: bytes) -> None:
+        with self._op():
+            self._dir(parent)
+            ino = self._child(parent, name)
+            if ino is None:
+                raise FsError(errno.ENOENT)
+            if stat.S_ISDIR(self._row(ino).mode):
+                raise FsError(errno.EISDIR)
+            self._remove_entry(parent, name, ino)
+
+    def rmdir(self, parent: int, name: bytes) -> None:
+        if name == b".":
+            raise FsError(errno.EINVAL)
+        if name == b"..":
+            raise FsError(errno.ENOTEMPTY)
+        with self._op():
+            self._dir(parent)
+            ino = self._child(parent, name)
+            if ino is None:
+                raise FsError(errno.ENOENT)
+            self._dir(ino)
+            if self.db.execute("SELECT 1 FROM dirents WHERE parent=? LIMIT 1", (ino,)).fetchone():
+                raise FsError(errno.ENOTEMPTY)
+            self._remove_entry(parent, name, ino)
+
+    def _remove_entry(self, parent: int, name: bytes, ino: int) -> None:
+        """Drop one directory entry; free the inode when nothing refers to it any more."""
+        self.db.execute("DELETE FROM dirents WHERE parent=? AND name=?", (parent, name))
+        if stat.S_ISDIR(self._row(ino).mode):
+            self.db.execute("UPDATE inodes SET nlink=0 WHERE ino=?", (ino,))
+            self.db.execute("UPDATE inodes SET nlink=nlink-1 WHERE ino=?", (parent,))
+        else:
+            self.db.execute("UPDATE inodes SET nlink=nlink-1 WHERE ino=?", (ino,))
+        self._touch(parent)
+        self._touch(ino, mtime=False)
+        self._maybe_free(ino)
+
+    def _maybe_free(self, ino: int) -> None:
+        a = self._row(ino)
+        if a.nlink > 0 or self._open[ino] > 0:
+            return
+        self._free_inode(ino)
+
+    def _free_inode(self, ino: int) -> None:
+        for lb, pb, n in ext.unmap(self.db, ino, 0, END):
+            self.space.decref(pb, n)
+        self.io.drop_inode(ino, 0, None)
+        self.db.execute("DELETE FROM xattrs WHERE ino=?", (ino,))
+        self.db.execute("DELETE FROM inodes WHERE ino=?", (ino,))
+
+    def _purge_orphans(self) -> None:
+        """Inodes unlinked while open when the daemon stopped: nothing can reach them any more."""
+        orphans = [r[0] for r in self.db.execute("SELECT ino FROM inodes WHERE nlink=0")]
+        if orphans:
+            with self._op():
+                for ino in orphans:
+                    self._free_inode(ino)
+            self.commit()
+
+    def opened(self, ino: int) -> None:
+        self._open[ino] += 1
+
+    def released(self, ino: int) -> None:
+        self._open[ino] -= 1
+        if self._open[ino] <= 0:
+            del self._open[ino]
+            row = self.db.execute("SELECT nlink FROM inodes WHERE ino=?", (ino,)).fetchone()
+            if row is not None and row[0] == 0:
+                with self._op():
+                    self._free_inode(ino)
+
+    def _is_ancestor(self, anc: int, ino: int) -> bool:
+        while ino != ROOT_INO:
+            if ino == anc:
+                return True
+            row = self.db.execute("SELECT parent FROM dirents WHERE ino=?", (ino,)).fetchone()
+            if row is None:
+                return False
+            ino = row[0]
+        return anc == ROOT_INO
+
+    def rename(self, old_parent: int, old_name: bytes, new_parent: int, new_name: bytes, flags: int = 0) -> None:
+        if flags & ~(RENAME_NOREPLACE | RENAME_EXCHANGE) or flags == (RENAME_NOREPLACE | RENAME_EXCHANGE):
+            raise FsError(errno.EINVAL, "unsupported rename flags")
+        with self._op():
+            self._dir(old_parent)
+            self._dir(new_parent)
+            _check_name(new_name)
+            ino = self._child(old_parent, old_name)
+            if ino is None:
+                raise FsError(errno.ENOENT)
+            a = self._row(ino)
+            target = self._child(new_parent, new_name)
+            src_dir = stat.S_ISDIR(a.mode)
+            if flags & RENAME_EXCHANGE:
+                if target is None:
+                    raise FsError(errno.ENOENT)
+                self._exchange(old_parent, old_name, ino, new_parent, new_name, target)
+                return
+            if target == ino:
+                return   # both names are links to one inode: POSIX says do nothing
+            if src_dir and self._is_ancestor(ino, new_parent):
+                raise FsError(errno.EINVAL, "cannot move a directory into itself")
+            if target is not None:
+                if flags & RENAME_NOREPLACE:
+                    raise FsError(errno.EEXIST)
+                t = self._row(target)
+                if stat.S_ISDIR(t.mode):
+                    if not src_dir:
+                        raise FsError(errno.EISDIR)
+                    if self.db.execute("SELECT 1 FROM dirents WHERE parent=? LIMIT 1", (target,)).fetchone():
+                        raise FsError(errno.ENOTEMPTY)
+                elif src_dir:
+                    raise FsError(errno.ENOTDIR)
+                self._remove_entry(new_parent, new_name, target)
+            self.db.execute("UPDATE dirents SET parent=?, name=? WHERE parent=? AND name=?",
+                            (new_parent, new_name, old_parent, old_name))
+            if src_dir and old_parent != new_parent:
+                self.db.execute("UPDATE inodes SET nlink=nlink-1 WHERE ino=?", (old_parent,))
+                self.db.execute("UPDATE inodes SET nlink=nlink+1 WHERE ino=?", (new_parent,))
+            self._touch(old_parent)
+            self._touch(new_parent)
+            self._touch(ino, mtime=False)
+
+    def _exchange(self, p1: int, n1: bytes, i1: int, p2: int, n2: bytes, i2: int) -> None:
+        d1, d2 = stat.S_ISDIR(self._row(i1).mode), stat.S_ISDIR(self._row(i2).mode)
+        if (d1 and self._is_ancestor(i1, p2)) or (d2 and self._is_ancestor(i2, p1)):
+            raise FsError(errno.EINVAL, "cannot move a directory into itself")
+        self.db.execute("UPDATE dirents SET ino=? WHERE parent=? AND name=?", (i2, p1, n1))
+        self.db.execute("UPDATE dirents SET ino=? WHERE parent=? AND name=?", (i1, p2, n2))
+        if p1 != p2 and d1 != d2:
+            moved_to_p2 = 1 if d1 else -1
+            self.db.execute("UPDATE inodes SET nlink=nlink+? WHERE ino=?", (moved_to_p2, p2))
+            self.db.execute("UPDATE inodes SET nlink=nlink-? WHERE ino=?", (moved_to_p2, p1))
+        for i in (p1, p2):
+            self._touch(i)
+        for i in (i1, i2):
+            self._touch(i, mtime=False)
+
+    def readdir(self, ino: int, after_id: int = 0, limit: int = 1000) -> list[tuple[int, bytes, Attr]]:
+        """Entries with id > after_id in id order: stable paging while the directory changes."""
+        self._dir(ino)
+        rows = self.db.execute(f"SELECT d.id, d.name, {', '.join('i.' + c.strip() for c in _ATTR_COLS.split(','))} "
+                               "FROM dirents d JOIN inodes i ON i.ino = d.ino WHERE d.parent=? AND d.id>? "
+                               "ORDER BY d.id LIMIT ?", (ino, after_id, limit)).fetchall()
+        return [(r[0], r[1], Attr(*r[2:])) for r in rows]
+
+    def setattr(self, ino: int, *, mode: int | None = None, uid: int | None = None, gid: int | None = None,
+                size: int | None = None, atime_ns: int | None = None, mtime_ns: int | None = None,
+                ctime_ns: int | None = None) -> Attr:
+        with self._op():
+            a = self._row(ino)
+            now = time.time_ns()
+            sets: dict[str, int] = {}
+            if size is not None:
+                if stat.S_ISDIR(a.mode):
+                    raise FsError(errno.EISDIR)
+                if not stat.S_ISREG(a.mode):
+                    raise FsError(errno.EINVAL)
+                self._truncate(ino, a.size, size)
+                sets["mtime_ns"] = now
+            if mode is not None:
+                sets["mode"] = stat.S_IFMT(a.mode) | (mode & 0o7777)
+            if uid is not None:
+                sets["uid"] = uid
+            if gid is not None:
+                sets["gid"] = gid
+            if atime_ns is not None:
+                sets["atime_ns"] = atime_ns
+            if mtime_ns is not None:
+                sets["mtime_ns"] = mtime_ns
+            sets["ctime_ns"] = ctime_ns if ctime_ns is not None else now
+            self.db.execute(f"UPDATE inodes SET {', '.join(k + '=?' for k in sets)} WHERE ino=?",
+                            (*sets.values(), ino))
+            return self._row(ino)
+
+    # -- extended attributes -------------------------------------------------------------------
+    def getxattr(self, ino: int, name: bytes) -> bytes:
+        self._row(ino)
+        row = self.db.execute("SELECT value FROM xattrs WHERE ino=? AND name=?", (ino, name)).fetchone()
+        if row is None:
+            raise FsError(errno.ENODATA)
+        return row[0]
+
+    def setxattr(self, ino: int, name: bytes, value: bytes, flags: int = 0) -> None:
+        if not name or len(name) > 255:
+            raise FsError(errno.ERANGE, "xattr name length out of range")
+        if len(value) > 65536:
+            raise FsError(errno.E2BIG, "xattr value too large")
+        with self._op():
+            self._row(ino)
+            exists = self.db.execute("SELECT 1 FROM xattrs WHERE ino=? AND name=?", (ino, name)).fetchone()
+            if flags & XATTR_CREATE and exists:
+                raise FsError(errno.EEXIST)
+            if flags & XATTR_REPLACE and not exists:
+                raise FsError(errno.ENODATA)
+            self.db.execute("INSERT OR REPLACE INTO xattrs(ino, name, value) VALUES (?, ?, ?)", (ino, name, value))
+            self._touch(ino, mtime=False)
+
+    def listxattr(self, ino: int) -> list[bytes]:
+        self._row(ino)
+        return [r[0] for r in self.db.execute("SELECT name FROM xattrs WHERE ino=? ORDER BY name", (ino,))]
+
+    def removexattr(self, ino: int, name: bytes) -> None:
+        with self._op():
+            self._row(ino)
+            if self.db.execute("DELETE FROM xattrs WHERE ino=? AND name=?", (ino, name)).rowcount == 0:
+                raise FsError(errno.ENODATA)
+            self._touch(ino, mtime=False)
+
+    # -- file data -----------------------------------------------------------------------------
+    def _read_blocks(self, ino: int, start: int, end: int) -> list:
+        """Buffers holding logical blocks [start, end) of a file; holes as zeros."""
+        parts: list = []
+        pos = start
+        for lb, pb, n in ext.lookup(self.db, ino, start, end):
+            if lb > pos:
+                parts.append(bytes((lb - pos) * BS))
+            parts.extend(self.io.read(ino, lb, pb, n))
+            pos = lb + n
+        if pos < end:
+            parts.append(bytes((end - pos) * BS))
+        return parts
+
+    def read(self, ino: int, offset: int, nbytes: int) -> bytes:
+        a = self._reg(ino)
+        end = min(a.size, offset + nbytes)
+        if offset >= end:
+            return b""
+        b0, b1 = offset // BS, _ceil_div(end, BS)
+        parts = self._read_blocks(ino, b0, b1)
+        lo, hi = offset - b0 * BS, end - b0 * BS
+        if len(parts) == 1:
+            return memoryview(parts[0])[lo:hi]
+        return memoryview(b"".join(parts))[lo:hi]
+
+    def write(self, ino: int, offset: int, data) -> int:
+        nbytes = len(data)
+        if offset < 0:
+            raise FsError(errno.EINVAL)
+        if offset + nbytes > MAX_FILE_SIZE:
+            raise FsError(errno.EFBIG, "write past the maximum file size")
+        if nbytes == 0:
+            return 0
+        self._retry_enospc(self._write_op, ino, offset, data)
+        return nbytes
+
+    def _write_op(self, ino: int, offset: int, data) -> None:
+        with self._op():
+            a = self._reg(ino)
+            self._write_range(ino, offset, data)
+            if offset + len(data) > a.size:
+                self.db.execute("UPDATE inodes SET size=? WHERE ino=?", (offset + len(data), ino))
+            self._touch(ino)
+
+    def _write_range(self, ino: int, offset: int, data) -> None:
+        """Write bytes at any offset: partial first/last blocks are merged with their old contents."""
+        nbytes = len(data)
+        b0, b1 = offset // BS, _ceil_div(offset + nbytes, BS)
+        head, tail = offset - b0 * BS, (offset + nbytes) % BS
+        if head or tail:
+            buf = bytearray((b1 - b0) * BS)
+            if head:
+                buf[0:BS] = b"".join(self._read_blocks(ino, b0, b0 + 1))
+            if tail and (b1 - 1 > b0 or not head):
+                buf[-BS:] = b"".join(self._read_blocks(ino, b1 - 1, b1))
+            buf[head:head + nbytes] = data
+            data = buf
+        self._write_blocks(ino, b0, data)
+
+    def _write_blocks(self, ino: int, lblock: int, data) -> None:
+        """Write whole blocks: in place where the block is fresh, elsewhere to newly allocated blocks."""
+        nblocks = len(data) // BS
+        end = lblock + nblocks
+        in_place: list[tuple[int, int, int]] = []   # (lblock, pblock, n)
+        new: list[tuple[int, int]] = []              # (lblock, n)
+        pos = lblock
+        for lb, pb, n in ext.lookup(self.db, ino, lblock, end):
+            if lb > pos:
+                new.append((pos, lb - pos))
+            for s, e, fresh in self.space.fresh.pieces(pb, pb + n):
+                if fresh:
+                    in_place.append((lb + s - pb, s, e - s))
+                else:
+                    new.append((lb + s - pb, e - s))
+            pos = lb + n
+        if pos < end:
+            new.append((pos, end - pos))
+        mv = memoryview(data)
+        need = sum(n for _, n in new)
+        if need:
+            runs = self.space.alloc(need)
+            self.data.ensure_size(self.space.data_blocks)
+            for lb, n in new:
+                for _, pb, m in ext.unmap(self.db, ino, lb, lb + n):
+                    self.space.decref(pb, m)
+            self.io.drop_inode(ino, lblock, end)
+            # hand out the allocated runs to the new pieces, in order
+            ri, roff = 0, 0
+            for lb, n in new:
+                while n:
+                    rp, rn = runs[ri]
+                    take = min(n, rn - roff)
+                    pb = rp + roff
+                    ext.map_run(self.db, ino, lb, pb, take)
+                    self.io.write(ino, lb, pb, mv[(lb - lblock) * BS:(lb - lblock + take) * BS])
+                    lb, n, roff = lb + take, n - take, roff + take
+                    if roff == rn:
+                        ri, roff = ri + 1, 0
+        for lb, pb, n in in_place:
+            self.io.write(ino, lb, pb, mv[(lb - lblock) * BS:(lb - lblock + n) * BS])
+
+    def _zero_range(self, ino: int, size: int, start: int, end: int) -> None:
+        """Make bytes [start, end) of a file read as zeros without allocating for holes."""
+        end = min(end, _ceil_div(size, BS) * BS)
+        if start >= end:
+            return
+        b0, b1 = _ceil_div(start, BS), end // BS
+        if b0 > b1:   # inside one block
+            if ext.lookup(self.db, ino, start // BS, start // BS + 1):
+                self._write_range(ino, start, bytes(end - start))
+            return
+        if start < b0 * BS and ext.lookup(self.db, ino, b0 - 1, b0):
+            self._write_range(ino, start, bytes(b0 * BS - start))
+        if b0 < b1:
+            for _, pb, n in ext.unmap(self.db, ino, b0, b1):
+                self.space.decref(pb, n)
+            self.io.drop_inode(ino, b0, b1)
+        if end > b1 * BS and ext.lookup(self.db, ino, b1, b1 + 1):
+            self._write_range(ino, b1 * BS, bytes(end - b1 * BS))
+
+    def _truncate(self, ino: int, old_size: int, new_size: int) -> None:
+        if new_size < 0:
+            raise FsError(errno.EINVAL)
+        if new_size > MAX_FILE_SIZE:
+            raise FsError(errno.EFBIG)
+        if new_size < old_size:
+            keep = _ceil_div(new_size, BS)
+            for _, pb, n in ext.unmap(self.db, ino, keep, END):
+                self.space.decref(pb, n)
+            self.io.drop_inode(ino, keep, None)
+            if new_size % BS:
+                self._zero_range(ino, keep * BS, new_size, keep * BS)
+        self.db.execute("UPDATE inodes SET size=? WHERE ino=?", (new_size, ino))
+
+    def truncate(self, ino: int, size: int) -> Attr:
+        return self.setattr(ino, size=size)
+
+    def punch_hole(self, ino: int, offset: int, nbytes: int) -> None:
+        """Deallocate [offset, offset+nbytes); it reads as zeros; the size does not change."""
+        if offset < 0 or nbytes <= 0:
+            raise FsError(errno.EINVAL)
+        with self._op():
+            a = self._reg(ino)
+            self._zero_range(ino, a.size, offset, offset + nbytes)
+            self._touch(ino)
+
+    def allocate(self, ino: int, offset: int, nbytes: int, keep_size: bool = False) -> None:
+        """Reserve blocks for [offset, offset+nbytes): holes there get zeroed blocks of their own."""
+        if offset < 0 or nbytes <= 0:
+            raise FsError(errno.EINVAL)
+        if offset + nbytes > MAX_FILE_SIZE:
+            raise FsError(errno.EFBIG)
+        self._retry_enospc(self._allocate_op, ino, offset, nbytes, keep_size)
+
+    def _allocate_op(self, ino: int, offset: int, nbytes: int, keep_size: bool) -> None:
+        with self._op():
+            a = self._reg(ino)
+            b0, b1 = offset // BS, _ceil_div(offset + nbytes, BS)
+            pos = b0
+            holes = []
+            for lb, _, n in ext.lookup(self.db, ino, b0, b1):
+                if lb > pos:
+                    holes.append((pos, lb))
+                pos = lb + n
+            if pos < b1:
+                holes.append((pos, b1))
+            for s, e in holes:
+                self._write_blocks(ino, s, bytes((e - s) * BS))
+            if not keep_size and offset + nbytes > a.size:
+                self.db.execute("UPDATE inodes SET size=? WHERE ino=?", (offset + nbytes, ino))
+            self._touch(ino, mtime=not keep_size)
+
+    def zero_range(self, ino: int, offset: int, nbytes: int, keep_size: bool = False) -> None:
+        if offset < 0 or nbytes <= 0:
+            raise FsError(errno.EINVAL)
+        if offset + nbytes > MAX_FILE_SIZE:
+            raise FsError(errno.EFBIG)
+        with self._op():
+            a = self._reg(ino)
+            self._zero_range(ino, a.size, offset, offset + nbytes)
+            if not keep_size and offset + nbytes > a.size:
+                self.db.execute("UPDATE inodes SET size=? WHERE ino=?", (offset + nbytes, ino))
+            self._touch(ino)
+
+    # -- clones --------------------------------------------------------------------------------
+    def clone_range(self, src: int, src_off: int, dst: int, dst_off: int, nbytes: int) -> int:
+        """Make dst[dst_off:dst_off+n] equal src[src_off:src_off+n], sharing whole blocks.
+
+        n is nbytes clipped to the source's size; the return value is n. Block-aligned parts share
+        physical extents (cost O(extents)); unaligned heads and tails are copied. The source's partial
+        last block is shared too when the range ends at the source's EOF and at or past the
+        destination's EOF. Overlapping ranges of one file are refused (EINVAL).
+        """
+        if src_off < 0 or dst_off < 0 or nbytes < 0:
+            raise FsError(errno.EINVAL)
+        return self._retry_enospc(self._clone_op, src, src_off, dst, dst_off, nbytes)
+
+    def _clone_op(self, src: int, src_off: int, dst: int, dst_off: int, nbytes: int) -> int:
+        with self._op():
+            s_attr, d_attr = self._reg(src), self._reg(dst)
+            n = max(0, min(nbytes, s_attr.size - src_off))
+            if n == 0:
+                return 0
+            if dst_off + n > MAX_FILE_SIZE:
+                raise FsError(errno.EFBIG)
+            if src == dst and src_off < dst_off + n and dst_off < src_off + n:
+                raise FsError(errno.EINVAL, "source and destination ranges overlap")
+            if (src_off - dst_off) % BS:
+                self._copy(src, src_off, dst, dst_off, n)   # block boundaries never line up
+            else:
+                head = min(n, (-src_off) % BS)
+                sb = _ceil_div(src_off, BS)
+                se = (src_off + n) // BS
+                tail = (src_off + n) - max(se * BS, src_off + head)
+                if tail and src_off + n == s_attr.size and dst_off + n >= d_attr.size:
+                    se += 1           # share the partial last block: its bytes past EOF are zero
+                    tail = 0
+                if head:
+                    self._copy(src, src_off, dst, dst_off, head)
+                if se > sb:
+                    self._share(src, sb, se, dst, sb + (dst_off - src_off) // BS)
+                if tail:
+                    self._copy(src, src_off + n - tail, dst, dst_off + n - tail, tail)
+            if dst_off + n > d_attr.size:
+                self.db.execute("UPDATE inodes SET size=? WHERE ino=?", (dst_off + n, dst))
+            self._touch(dst)
+            return n
+
+    def _copy(self, src: int, src_off: int, dst: int, dst_off: int, nbytes: int) -> None:
+        done = 0
+        while done < nbytes:
+            step = min(COPY_CHUNK, nbytes - done)
+            b0 = (src_off + done) // BS
+            b1 = _ceil_div(src_off + done + step, BS)
+            buf = b"".join(self._read_blocks(src, b0, b1))
+            lo = src_off + done - b0 * BS
+            self._write_range(dst, dst_off + done, memoryview(buf)[lo:lo + step])
+            done += step
+
+    def _share(self, src: int, sb: int, se: int, dst: int, db_: int) -> None:
+        shift = db_ - sb
+        runs = ext.lookup(self.db, src, sb, se)
+        for _, pb, n in runs:
+            self.space.incref(pb, n)
+        for _, pb, n in ext.unmap(self.db, dst, db_, db_ + (se - sb)):
+            self.space.decref(pb, n)
+        self.io.drop_inode(dst, db_, db_ + (se - sb))
+        for lb, pb, n in runs:
+            ext.map_run(self.db, dst, lb + shift, pb, n)
+
+    # -- inspection ----------------------------------------------------------------------------
+    def extent_map(self, ino: int) -> list[tuple[int, int, int, int]]:
+        """(lblock, pblock, nblocks, refcount) pieces of a file, split where refcounts change."""
+        self._row(ino)
+        out = []
+        for lb, pb, n in ext.all_extents(self.db, ino):
+            for p, m, rc in self.space.refcounts(pb, n):
+                out.append((lb + p - pb, p, m, rc))
+        return out
+
+    def statfs(self) -> dict:
+        sp = self.space
+        free_runs = sp.free_blocks() + sum(n for _, n in sp.pending)
+        if sp.limit_blocks:
+            total = sp.limit_blocks
+            avail = free_runs + max(0, sp.limit_blocks - sp.data_blocks)
+        else:
+            vfs = os.statvfs(self.store)
+            backing_free = vfs.f_bavail * vfs.f_frsize // BS
+            total = sp.data_blocks + backing_free
+            avail = free_runs + backing_free
+        files = self.db.execute("SELECT COUNT(*) FROM inodes").fetchone()[0]
+        return {"block_size": BS, "blocks": total, "blocks_free": avail, "blocks_avail": avail,
+                "files": files + 1_000_000, "files_free": 1_000_000, "namemax": MAX_NAME}
+
+    def usage(self) -> dict:
+        """Logical bytes (mapped by files), physical bytes (distinct blocks in use), and the saving."""
+        logical = self.db.execute("SELECT COALESCE(SUM(nblocks), 0) FROM extents").fetchone()[0] * BS
+        physical = self.db.execute("SELECT COALESCE(SUM(nblocks), 0) FROM refs").fetchone()[0] * BS
+        return {"logical_bytes": logical, "physical_bytes": physical, "saved_bytes": logical - physical,
+                "sharing_ratio": (logical / physical) if physical else 1.0}

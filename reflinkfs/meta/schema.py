@@ -1,0 +1,145 @@
+"""The metadata database of a store: schema, version, creation and opening.
+
+A store is one directory (mode 0700) holding `meta.db` (SQLite in WAL mode) and `data` (fixed-size
+blocks). Physical offset = block number x BLOCK_SIZE. The schema version is stored in the database; a
+store of another version is refused rather than guessed at.
+
+Tables (block numbers are physical unless the column says logical):
+  meta      key -> value: schema_version, block_size, size_limit_blocks (0 = unlimited), data_blocks
+            (the high-water mark of the data file: every physical block below it is free or used)
+  inodes    one row per inode; times in nanoseconds; `blocks` = mapped blocks (kept with the extents)
+  dirents   (parent, name) -> ino; `id` orders readdir so that paging is stable under changes
+  xattrs    (ino, name) -> value
+  extents   (ino, lblock) -> (pblock, nblocks): sorted, non-overlapping runs per file; gaps are holes
+  refs      pblock -> (nblocks, refcount): runs of used physical blocks, refcount >= 1, non-overlapping
+  free      pblock -> nblocks: free runs below data_blocks, non-overlapping, not adjacent to each other
+  csums     pblock -> xxh3-64 of the block's contents (as a signed 64-bit integer), one per used block
+"""
+from __future__ import annotations
+
+import os
+import sqlite3
+
+from ..errors import StoreError
+
+SCHEMA_VERSION = 1
+BLOCK_SIZE = 4096
+DB_NAME = "meta.db"
+DATA_NAME = "data"
+LOCK_NAME = "lock"
+
+SCHEMA = """
+CREATE TABLE meta(key TEXT PRIMARY KEY, value) WITHOUT ROWID;
+CREATE TABLE inodes(
+    ino INTEGER PRIMARY KEY, mode INTEGER NOT NULL, uid INTEGER NOT NULL, gid INTEGER NOT NULL,
+    nlink INTEGER NOT NULL, size INTEGER NOT NULL DEFAULT 0, blocks INTEGER NOT NULL DEFAULT 0,
+    rdev INTEGER NOT NULL DEFAULT 0, atime_ns INTEGER NOT NULL, mtime_ns INTEGER NOT NULL,
+    ctime_ns INTEGER NOT NULL, target BLOB);
+CREATE TABLE dirents(
+    id INTEGER PRIMARY KEY, parent INTEGER NOT NULL, name BLOB NOT NULL, ino INTEGER NOT NULL,
+    UNIQUE(parent, name));
+CREATE INDEX dirents_ino ON dirents(ino);
+CREATE TABLE xattrs(ino INTEGER NOT NULL, name BLOB NOT NULL, value BLOB NOT NULL,
+    PRIMARY KEY(ino, name)) WITHOUT ROWID;
+CREATE TABLE extents(ino INTEGER NOT NULL, lblock INTEGER NOT NULL, pblock INTEGER NOT NULL,
+    nblocks INTEGER NOT NULL, PRIMARY KEY(ino, lblock)) WITHOUT ROWID;
+CREATE TABLE refs(pblock INTEGER PRIMARY KEY, nblocks INTEGER NOT NULL, refcount INTEGER NOT NULL);
+CREATE TABLE free(pblock INTEGER PRIMARY KEY, nblocks INTEGER NOT NULL);
+CREATE INDEX free_by_size ON free(nblocks, pblock);
+CREATE TABLE csums(pblock INTEGER PRIMARY KEY, csum INTEGER NOT NULL);
+"""
+
+ROOT_INO = 1
+
+
+def connect(db_path: str) -> sqlite3.Connection:
+    db = sqlite3.connect(db_path, isolation_level=None, check_same_thread=False)
+    db.execute("PRAGMA journal_mode=WAL")
+    db.execute("PRAGMA synchronous=FULL")
+    db.execute("PRAGMA foreign_keys=OFF")
+    db.execute("PRAGMA cache_size=-65536")
+    return db
+
+
+def mkfs(store: str, size_limit: int = 0, uid: int | None = None, gid: int | None = None,
+         now_ns: int | None = None) -> None:
+    """Create a new, empty store directory. Refuses a non-empty directory."""
+    import time
+    if os.path.exists(store):
+        if not os.path.isdir(store):
+            raise StoreError(f"{store}: exists and is not a directory")
+        if os.listdir(store):
+            raise StoreError(f"{store}: directory is not empty; choose a new path for the store")
+    else:
+        try:
+            os.mkdir(store, 0o700)
+        except OSError as e:
+            raise StoreError(f"{store}: cannot create store directory: {e.strerror}") from None
+    os.chmod(store, 0o700)
+    if size_limit < 0:
+        raise StoreError("--size must be positive")
+    limit_blocks = size_limit // BLOCK_SIZE
+    if size_limit and limit_blocks < 16:
+        raise StoreError(f"--size {size_limit} is too small; give at least {16 * BLOCK_SIZE} bytes")
+    open(os.path.join(store, DATA_NAME), "xb").close()
+    db = connect(os.path.join(store, DB_NAME))
+    try:
+        now = now_ns if now_ns is not None else time.time_ns()
+        db.execute("BEGIN")
+        for stmt in SCHEMA.split(";"):
+            if stmt.strip():
+                db.execute(stmt)
+        db.executemany("INSERT INTO meta(key, value) VALUES (?, ?)", [
+            ("schema_version", SCHEMA_VERSION), ("block_size", BLOCK_SIZE),
+            ("size_limit_blocks", limit_blocks), ("data_blocks", 0)])
+        db.execute("INSERT INTO inodes(ino, mode, uid, gid, nlink, atime_ns, mtime_ns, ctime_ns) "
+                   "VALUES (?, ?, ?, ?, 2, ?, ?, ?)",
+                   (ROOT_INO, 0o40755, os.getuid() if uid is None else uid,
+                    os.getgid() if gid is None else gid, now, now, now))
+        db.execute("COMMIT")
+    finally:
+        db.close()
+
+
+def open_store_db(store: str) -> sqlite3.Connection:
+    """Open a store's database and check it is one we understand; one-line StoreError otherwise."""
+    if not os.path.isdir(store):
+        raise StoreError(f"{store}: no such store directory (create one with 'reflinkfs mkfs {store}')")
+    db_path = os.path.join(store, DB_NAME)
+    data_path = os.path.join(store, DATA_NAME)
+    if not os.path.isfile(db_path) or os.path.getsize(db_path) == 0:
+        raise StoreError(f"{store}: metadata database {DB_NAME} is missing or empty; this is not a usable store")
+    if not os.path.isfile(data_path):
+        raise StoreError(f"{store}: data file '{DATA_NAME}' is missing; the store cannot be used")
+    try:
+        db = connect(db_path)
+        ok = db.execute("PRAGMA quick_check").fetchone()[0]
+        if ok != "ok":
+            db.close()
+            raise StoreError(f"{store}: metadata database is damaged ({ok})")
+        row = db.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()
+    except sqlite3.DatabaseError as e:
+        raise StoreError(f"{store}: metadata database is damaged or not a reflinkfs store ({e})") from None
+    if row is None:
+        db.close()
+        raise StoreError(f"{store}: metadata database has no schema version; not a reflinkfs store")
+    if row[0] != SCHEMA_VERSION:
+        db.close()
+        raise StoreError(f"{store}: store has schema version {row[0]}, this reflinkfs understands "
+                         f"version {SCHEMA_VERSION}")
+    bs = db.execute("SELECT value FROM meta WHERE key='block_size'").fetchone()
+    if bs is None or bs[0] != BLOCK_SIZE:
+        db.close()
+        raise StoreError(f"{store}: unsupported block size {bs[0] if bs else None}")
+    return db
+
+
+def get_meta(db: sqlite3.Connection, key: str) -> int:
+    row = db.execute("SELECT value FROM meta WHERE key=?", (key,)).fetchone()
+    if row is None:
+        raise StoreError(f"metadata key {key!r} is missing; the store is damaged")
+    return row[0]
+
+
+def set_meta(db: sqlite3.Connection, key: str, value: int) -> None:
+    db.execute("UPDATE meta SET value=? WHERE key=?", (value, key))

@@ -1,0 +1,220 @@
+"""Tiny in-memory pyfuse3 filesystem used by test_extops.py (run as a script).
+
+    python _toyfs.py MOUNTPOINT LOGFILE MODE
+
+MODE "normal": copy_file_range is an async handler that copies in memory and
+replies with req.reply_write(n); fallocate is a plain handler that replies
+0, except on the file "drop" where it drops the Request without replying
+(the extension must then answer EIO).
+MODE "raise": both handlers record the call and raise.
+
+Every handler call and every write is appended to LOGFILE as a JSON line.
+"""
+
+import errno
+import json
+import os
+import stat
+import sys
+import time
+
+# Must happen before the first `import pyfuse3` in this process.
+from reflinkfs.fuse import extops
+
+STATUS = extops.load()
+
+import pyfuse3  # noqa: E402
+import trio  # noqa: E402
+
+ROOT = pyfuse3.ROOT_INODE
+SRC_DATA = bytes(range(256)) * 64  # 16 KiB, known to the test
+
+
+class Log:
+    def __init__(self, path):
+        self.f = open(path, "a", buffering=1)
+
+    def __call__(self, **rec):
+        self.f.write(json.dumps(rec) + "\n")
+        self.f.flush()
+
+
+class ToyFS(pyfuse3.Operations):
+    def __init__(self, log):
+        super().__init__()
+        self.log = log
+        self.names = {b"src": 2, b"dst": 3, b"drop": 4}
+        self.data = {2: bytearray(SRC_DATA), 3: bytearray(), 4: bytearray()}
+        self.next_ino = 5
+
+    def attr(self, ino):
+        a = pyfuse3.EntryAttributes()
+        a.st_ino = ino
+        now = time.time_ns()
+        a.st_atime_ns = a.st_mtime_ns = a.st_ctime_ns = now
+        a.st_uid, a.st_gid = os.getuid(), os.getgid()
+        a.entry_timeout = a.attr_timeout = 0
+        a.st_blksize = 4096
+        if ino == ROOT:
+            a.st_mode = stat.S_IFDIR | 0o755
+            a.st_nlink = 2
+            a.st_size = 0
+        elif ino in self.data:
+            a.st_mode = stat.S_IFREG | 0o644
+            a.st_nlink = 1
+            a.st_size = len(self.data[ino])
+        else:
+            raise pyfuse3.FUSEError(errno.ENOENT)
+        a.st_blocks = (a.st_size + 511) // 512
+        return a
+
+    async def lookup(self, parent, name, ctx=None):
+        if parent != ROOT or name not in self.names:
+            raise pyfuse3.FUSEError(errno.ENOENT)
+        return self.attr(self.names[name])
+
+    async def getattr(self, ino, ctx=None):
+        return self.attr(ino)
+
+    async def setattr(self, ino, attr, fields, fh, ctx):
+        if fields.update_size:
+            d = self.data[ino]
+            if attr.st_size < len(d):
+                del d[attr.st_size:]
+            else:
+                d.extend(bytes(attr.st_size - len(d)))
+        return self.attr(ino)
+
+    async def open(self, ino, flags, ctx):
+        if ino not in self.data:
+            raise pyfuse3.FUSEError(errno.ENOENT)
+        return pyfuse3.FileInfo(fh=ino)
+
+    async def create(self, parent, name, mode, flags, ctx):
+        if parent != ROOT:
+            raise pyfuse3.FUSEError(errno.EACCES)
+        ino = self.names.get(name)
+        if ino is None:
+            ino = self.names[name] = self.next_ino
+            self.next_ino += 1
+            self.data[ino] = bytearray()
+        return pyfuse3.FileInfo(fh=ino), self.attr(ino)
+
+    async def read(self, fh, off, size):
+        return bytes(self.data[fh][off:off + size])
+
+    async def write(self, fh, off, buf):
+        d = self.data[fh]
+        if len(d) < off:
+            d.extend(bytes(off - len(d)))
+        d[off:off + len(buf)] = buf
+        self.log(event="write", ino=fh, off=off, size=len(buf))
+        return len(buf)
+
+    async def flush(self, fh):
+        pass
+
+    async def release(self, fh):
+        pass
+
+    async def opendir(self, ino, ctx):
+        if ino != ROOT:
+            raise pyfuse3.FUSEError(errno.ENOTDIR)
+        return ino
+
+    async def readdir(self, fh, start_id, token):
+        entries = sorted(self.names.items())
+        for i, (name, ino) in enumerate(entries[start_id:], start_id + 1):
+            if not pyfuse3.readdir_reply(token, name, self.attr(ino), i):
+                break
+
+    async def releasedir(self, fh):
+        pass
+
+    async def statfs(self, ctx):
+        s = pyfuse3.StatvfsData()
+        s.f_bsize = s.f_frsize = 4096
+        s.f_blocks = s.f_bfree = s.f_bavail = 1 << 20
+        s.f_files = s.f_ffree = s.f_favail = 1 << 16
+        s.f_namemax = 255
+        return s
+
+    # ---- extops handlers -------------------------------------------------
+
+    async def copy_file_range(self, req, ino_in, fh_in, off_in, ino_out, fh_out,
+                              off_out, length, flags):
+        rec = dict(event="copy_file_range", ino_in=ino_in, fh_in=fh_in, off_in=off_in,
+                   ino_out=ino_out, fh_out=fh_out, off_out=off_out, length=length,
+                   flags=flags, uid=req.uid, gid=req.gid, pid=req.pid,
+                   counts=extops.counts())
+        await trio.sleep(0)  # reply after a real trip through the trio scheduler
+        chunk = bytes(self.data[fh_in][off_in:off_in + length])
+        d = self.data[fh_out]
+        if len(d) < off_out:
+            d.extend(bytes(off_out - len(d)))
+        d[off_out:off_out + len(chunk)] = chunk
+        req.reply_write(len(chunk))
+        try:
+            req.reply_write(len(chunk))
+        except RuntimeError:
+            rec["double_reply_raised"] = True
+        else:
+            rec["double_reply_raised"] = False
+        rec["replied"] = len(chunk)
+        self.log(**rec)
+
+    def fallocate(self, req, ino, fh, mode, offset, length):
+        rec = dict(event="fallocate", ino=ino, fh=fh, mode=mode, offset=offset,
+                   length=length, uid=req.uid, gid=req.gid, pid=req.pid,
+                   counts=extops.counts())
+        if fh == self.names[b"drop"]:
+            rec["dropped"] = True
+            self.log(**rec)
+            return  # no reply: the Request's dealloc must answer EIO
+        d = self.data[fh]
+        if mode == 0 and len(d) < offset + length:
+            d.extend(bytes(offset + length - len(d)))
+        self.log(**rec)
+        req.reply_err(0)
+
+    def raising_copy_file_range(self, req, *args):
+        self.log(event="copy_file_range", raised=True, args=list(args),
+                 counts=extops.counts())
+        raise ValueError("handler failure (expected by the test)")
+
+    def raising_fallocate(self, req, *args):
+        self.log(event="fallocate", raised=True, args=list(args), counts=extops.counts())
+        raise ValueError("handler failure (expected by the test)")
+
+
+async def amain(fs, mode, log):
+    log(event="mounted", interposed=extops.interposed(), mode=mode)
+    await pyfuse3.main()
+
+
+def main():
+    mountpoint, logfile, mode = sys.argv[1:4]
+    log = Log(logfile)
+    log(event="start", load_effective=bool(STATUS), reason=STATUS.reason)
+    fs = ToyFS(log)
+    if mode == "normal":
+        extops.set_handlers(copy_file_range=fs.copy_file_range, fallocate=fs.fallocate)
+    elif mode == "raise":
+        extops.set_handlers(copy_file_range=fs.raising_copy_file_range,
+                            fallocate=fs.raising_fallocate)
+    else:
+        raise SystemExit(f"unknown mode {mode!r}")
+    opts = set(pyfuse3.default_options)
+    opts.add("fsname=reflinkfs-toy")
+    pyfuse3.init(fs, mountpoint, opts)
+    try:
+        trio.run(amain, fs, mode, log)
+    finally:
+        pyfuse3.close(unmount=False)
+    exc = extops.last_exception()
+    log(event="exit", counts=extops.counts(), interposed=extops.interposed(),
+        last_exception=repr(exc) if exc is not None else None)
+
+
+if __name__ == "__main__":
+    main()
