@@ -1,0 +1,267 @@
+"""The FUSE adapter: translates pyfuse3 requests into calls on the core, and errors into errno.
+
+It holds no filesystem logic. Every handler runs the core call to completion without an `await` in
+between, so requests never interleave inside the core (trio runs one task at a time); the only state
+here is the table of open file handles.
+
+An exception that is not an `FsError` is a bug: it is logged with its traceback and answered with EIO,
+because pyfuse3 would otherwise stop serving the whole mount.
+
+Importing this module imports pyfuse3; the composition root (`mount.py`) loads the C extension for the
+operations pyfuse3 lacks first, because the load order decides whether it takes effect.
+"""
+from __future__ import annotations
+
+import errno
+import functools
+import logging
+import os
+import stat
+
+import pyfuse3
+
+from ..core.volume import Attr, Volume
+from ..errors import FsError
+
+log = logging.getLogger("reflinkfs.fuse")
+
+ENTRY_TIMEOUT = 1.0
+ATTR_TIMEOUT = 1.0
+
+
+def _translate(fn):
+    """Domain errors become FUSEError(errno) here, at the boundary, and nowhere else."""
+    @functools.wraps(fn)
+    async def wrapper(self, *args):
+        try:
+            return await fn(self, *args)
+        except pyfuse3.FUSEError:
+            raise
+        except FsError as e:
+            if e.errno == errno.EIO:
+                log.error("%s: %s", fn.__name__, e.message)
+            raise pyfuse3.FUSEError(e.errno) from None
+        except OSError as e:
+            log.error("%s: %s", fn.__name__, e)
+            raise pyfuse3.FUSEError(e.errno or errno.EIO) from None
+        except Exception:
+            log.exception("internal error in %s%r", fn.__name__, args[:3])
+            raise pyfuse3.FUSEError(errno.EIO) from None
+    return wrapper
+
+
+class Handle:
+    __slots__ = ("ino", "append")
+
+    def __init__(self, ino: int, flags: int):
+        self.ino = ino
+        self.append = bool(flags & os.O_APPEND)
+
+
+class Operations(pyfuse3.Operations):
+    enable_writeback_cache = False
+    enable_acl = False
+
+    def __init__(self, volume: Volume, direct_io: bool = True):
+        super().__init__()
+        self.vol = volume
+        self.direct_io = direct_io
+        self._handles: dict[int, Handle] = {}
+        self._next_fh = 1
+
+    # -- helpers -------------------------------------------------------------------------------
+    @staticmethod
+    def entry(a: Attr) -> pyfuse3.EntryAttributes:
+        e = pyfuse3.EntryAttributes()
+        e.st_ino = a.ino
+        e.generation = 0
+        e.entry_timeout = ENTRY_TIMEOUT
+        e.attr_timeout = ATTR_TIMEOUT
+        e.st_mode = a.mode
+        e.st_nlink = a.nlink
+        e.st_uid = a.uid
+        e.st_gid = a.gid
+        e.st_rdev = a.rdev
+        e.st_size = a.size
+        e.st_blksize = 4096
+        e.st_blocks = a.blocks * 8
+        e.st_atime_ns = a.atime_ns
+        e.st_mtime_ns = a.mtime_ns
+        e.st_ctime_ns = a.ctime_ns
+        return e
+
+    def _new_handle(self, ino: int, flags: int) -> int:
+        fh = self._next_fh
+        self._next_fh += 1
+        self._handles[fh] = Handle(ino, flags)
+        self.vol.opened(ino)
+        return fh
+
+    def handle(self, fh: int) -> Handle:
+        try:
+            return self._handles[fh]
+        except KeyError:
+            raise FsError(errno.EBADF) from None
+
+    def _file_info(self, fh: int) -> pyfuse3.FileInfo:
+        return pyfuse3.FileInfo(fh=fh, direct_io=self.direct_io, keep_cache=False, nonseekable=False)
+
+    # -- namespace -----------------------------------------------------------------------------
+    @_translate
+    async def lookup(self, parent_inode, name, ctx=None):
+        return self.entry(self.vol.lookup(parent_inode, name))
+
+    @_translate
+    async def getattr(self, inode, ctx=None):
+        return self.entry(self.vol.getattr(inode))
+
+    @_translate
+    async def setattr(self, inode, attr, fields, fh, ctx):
+        kw = {}
+        if fields.update_mode:
+            kw["mode"] = attr.st_mode
+        if fields.update_uid:
+            kw["uid"] = attr.st_uid
+        if fields.update_gid:
+            kw["gid"] = attr.st_gid
+        if fields.update_size:
+            kw["size"] = attr.st_size
+        if fields.update_atime:
+            kw["atime_ns"] = attr.st_atime_ns
+        if fields.update_mtime:
+            kw["mtime_ns"] = attr.st_mtime_ns
+        if fields.update_ctime:
+            kw["ctime_ns"] = attr.st_ctime_ns
+        return self.entry(self.vol.setattr(inode, **kw))
+
+    @_translate
+    async def readlink(self, inode, ctx):
+        return self.vol.readlink(inode)
+
+    @_translate
+    async def mknod(self, parent_inode, name, mode, rdev, ctx):
+        return self.entry(self.vol.mknod(parent_inode, name, mode, ctx.uid, ctx.gid, rdev))
+
+    @_translate
+    async def mkdir(self, parent_inode, name, mode, ctx):
+        return self.entry(self.vol.mkdir(parent_inode, name, mode & ~ctx.umask, ctx.uid, ctx.gid))
+
+    @_translate
+    async def unlink(self, parent_inode, name, ctx):
+        self.vol.unlink(parent_inode, name)
+
+    @_translate
+    async def rmdir(self, parent_inode, name, ctx):
+        self.vol.rmdir(parent_inode, name)
+
+    @_translate
+    async def symlink(self, parent_inode, name, target, ctx):
+        return self.entry(self.vol.symlink(parent_inode, name, target, ctx.uid, ctx.gid))
+
+    @_translate
+    async def rename(self, parent_inode_old, name_old, parent_inode_new, name_new, flags, ctx):
+        self.vol.rename(parent_inode_old, name_old, parent_inode_new, name_new, flags)
+
+    @_translate
+    async def link(self, inode, new_parent_inode, new_name, ctx):
+        return self.entry(self.vol.link(inode, new_parent_inode, new_name))
+
+    @_translate
+    async def opendir(self, inode, ctx):
+        self.vol.getattr(inode)
+        return inode
+
+    @_translate
+    async def readdir(self, fh, start_id, token):
+        after = start_id
+        while True:
+            rows = self.vol.readdir(fh, after)
+            if not rows:
+                return
+            for dirent_id, name, a in rows:
+                if not pyfuse3.readdir_reply(token, name, self.entry(a), dirent_id):
+                    return
+                after = dirent_id
+
+    async def releasedir(self, fh):
+        pass
+
+    @_translate
+    async def fsyncdir(self, fh, datasync):
+        self.vol.commit()
+
+    @_translate
+    async def statfs(self, ctx):
+        s = self.vol.statfs()
+        st = pyfuse3.StatvfsData()
+        st.f_bsize = s["block_size"]
+        st.f_frsize = s["block_size"]
+        st.f_blocks = s["blocks"]
+        st.f_bfree = s["blocks_free"]
+        st.f_bavail = s["blocks_avail"]
+        st.f_files = s["files"]
+        st.f_ffree = s["files_free"]
+        st.f_favail = s["files_free"]
+        st.f_namemax = s["namemax"]
+        return st
+
+    # -- extended attributes -------------------------------------------------------------------
+    @_translate
+    async def getxattr(self, inode, name, ctx):
+        return self.vol.getxattr(inode, name)
+
+    @_translate
+    async def setxattr(self, inode, name, value, ctx):
+        self.vol.setxattr(inode, name, value)
+
+    @_translate
+    async def listxattr(self, inode, ctx):
+        return self.vol.listxattr(inode)
+
+    @_translate
+    async def removexattr(self, inode, name, ctx):
+        self.vol.removexattr(inode, name)
+
+    async def access(self, inode, mode, ctx):
+        return True   # default_permissions: the kernel checks
+
+    # -- files ---------------------------------------------------------------------------------
+    @_translate
+    async def open(self, inode, flags, ctx):
+        a = self.vol.getattr(inode)
+        if stat.S_ISDIR(a.mode):
+            raise FsError(errno.EISDIR)
+        return self._file_info(self._new_handle(inode, flags))
+
+    @_translate
+    async def create(self, parent_inode, name, mode, flags, ctx):
+        a = self.vol.create(parent_inode, name, mode & ~ctx.umask, ctx.uid, ctx.gid)
+        return self._file_info(self._new_handle(a.ino, flags)), self.entry(a)
+
+    @_translate
+    async def read(self, fh, off, size):
+        return self.vol.read(self.handle(fh).ino, off, size)
+
+    @_translate
+    async def write(self, fh, off, buf):
+        h = self.handle(fh)
+        if h.append:
+            off = self.vol.getattr(h.ino).size
+        return self.vol.write(h.ino, off, buf)
+
+    async def flush(self, fh):
+        pass
+
+    @_translate
+    async def release(self, fh):
+        h = self._handles.pop(fh, None)
+        if h is not None:
+            self.vol.released(h.ino)
+
+    @_translate
+    async def fsync(self, fh, datasync):
+        self.handle(fh)
+        self.vol.commit()
+
+    async def forget(self, inode_list):
+        pass

@@ -1,0 +1,116 @@
+"""The composition root: build the parts of a mounted filesystem, run it, tear it down in reverse.
+
+    volume (store lock, metadata, data file, cache)  ->  adapter  ->  pyfuse3 session  ->  trio loop
+
+Order matters twice:
+- The C extension for the operations pyfuse3 lacks (copy_file_range, fallocate) must be loaded before
+  pyfuse3 is first imported, or its interposition of fuse_session_new does not take effect.
+- The volume is committed and closed only after the session has stopped, so every request that was
+  answered is in the last commit.
+
+Durability: the volume commits every `commit_interval` seconds while it has changes, on fsync/fsyncdir,
+and at unmount. A crash of the daemon loses at most the changes of the last interval that no fsync
+covered; each block then reads as its old or its new bytes.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import sys
+from dataclasses import dataclass, field
+
+log = logging.getLogger("reflinkfs.mount")
+
+
+@dataclass
+class MountOptions:
+    store: str
+    mountpoint: str
+    debug: bool = False
+    fuse_options: list[str] = field(default_factory=list)
+    cache: str = "none"              # shared | inode | none
+    cache_size: int = 256 << 20
+    kernel_cache: bool = False
+    commit_interval: float = 5.0
+
+
+def fuse_option_set(opts: MountOptions) -> set[str]:
+    s = {"fsname=reflinkfs:" + os.path.abspath(opts.store), "subtype=reflinkfs", "default_permissions"}
+    for o in opts.fuse_options:
+        s.update(x for x in o.split(",") if x)
+    if opts.debug:
+        s.add("debug")
+    return s
+
+
+def run(opts: MountOptions, ready=None) -> int:
+    """Mount and serve until unmounted or signalled. `ready(message)` is called once the mount is live."""
+    from . import extops
+    ext_ok = extops.load(strict=False)   # before pyfuse3 is imported anywhere in this process
+    import pyfuse3
+    import trio
+
+    from ..core.volume import Volume
+    from ..core.cache import make_io
+    from .adapter import Operations
+    from .ranges import RangeOps
+
+    volume = Volume.open(opts.store, io_factory=make_io(opts.cache, opts.cache_size))
+    try:
+        ops = Operations(volume, direct_io=not opts.kernel_cache)
+        ranges = RangeOps(ops)
+        pyfuse3.init(ops, opts.mountpoint, fuse_option_set(opts))
+        try:
+            warning = None
+            if ext_ok and extops.interposed():
+                ranges.install()
+            else:
+                warning = ("warning: copy_file_range is not handled by this mount ("
+                           f"{getattr(ext_ok, 'reason', None) or 'the interposition did not take effect'}); "
+                           "copies will move bytes instead of sharing extents")
+                log.error(warning)
+            if ready:
+                ready(warning)
+
+            async def main():
+                async with trio.open_nursery() as nursery:
+                    ranges.nursery = nursery
+                    nursery.start_soon(_commit_loop, volume, opts.commit_interval)
+                    nursery.start_soon(_signals, nursery)
+                    await pyfuse3.main()
+                    nursery.cancel_scope.cancel()
+
+            trio.run(main)
+        finally:
+            pyfuse3.close(unmount=True)
+    finally:
+        volume.close()
+    return 0
+
+
+async def _commit_loop(volume, interval: float) -> None:
+    import trio
+    while True:
+        await trio.sleep(interval)
+        if volume.dirty:
+            volume.commit()
+
+
+async def _signals(nursery) -> None:
+    import pyfuse3
+    import trio
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
+        async for sig in signals:
+            log.info("signal %d: unmounting", sig)
+            pyfuse3.terminate()
+            return
+
+
+def setup_logging(debug: bool, log_path: str | None) -> None:
+    handler: logging.Handler
+    handler = logging.FileHandler(log_path) if log_path else logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(process)d %(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(logging.DEBUG if debug else logging.INFO)
