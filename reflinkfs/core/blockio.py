@@ -31,9 +31,11 @@ def checksums(pblock: int, data) -> list[tuple[int, int]]:
 class UncachedIO:
     name = "none"
 
-    def __init__(self, data: DataFile, space: Space):
+    def __init__(self, data: DataFile, space: Space, lookup):
         self.data = data
         self.space = space
+        self.lookup = lookup          # lookup(ino, lstart, lend) -> [(lblock, pblock, nblocks)]
+        self.bytes_served = 0
 
     # -- the data file, verified -------------------------------------------------------------
     def load(self, pblock: int, nblocks: int, ino: int, lblock: int) -> bytes:
@@ -49,10 +51,26 @@ class UncachedIO:
                                          f"({what} at physical block {pblock + i})")
         return buf
 
+    def read_mapped(self, ino: int, lstart: int, lend: int, load) -> list:
+        """Buffers holding logical blocks [lstart, lend) of a file; `load(lblock, pblock, n)` reads
+        each mapped piece; holes are zeros."""
+        parts: list = []
+        pos = lstart
+        for lb, pb, n in self.lookup(ino, lstart, lend):
+            if lb > pos:
+                parts.append(bytes((lb - pos) * BS))
+            parts.extend(load(lb, pb, n))
+            pos = lb + n
+        if pos < lend:
+            parts.append(bytes((lend - pos) * BS))
+        return parts
+
     # -- the interface the volume uses -------------------------------------------------------
-    def read(self, ino: int, lblock: int, pblock: int, nblocks: int) -> list:
-        """Buffers that together hold exactly nblocks blocks."""
-        return [self.load(pblock, nblocks, ino, lblock)]
+    def read_blocks(self, ino: int, lstart: int, lend: int) -> list:
+        """Buffers that together hold exactly logical blocks [lstart, lend) of a file."""
+        parts = self.read_mapped(ino, lstart, lend, lambda lb, pb, n: [self.load(pb, n, ino, lb)])
+        self.bytes_served += (lend - lstart) * BS
+        return parts
 
     def write(self, ino: int, lblock: int, pblock: int, data) -> None:
         self.data.write(pblock, data)
@@ -65,4 +83,4 @@ class UncachedIO:
         """A file's mapping of [lblock, lend) changed (lend None = to the end)."""
 
     def stats(self) -> dict:
-        return {"mode": self.name}
+        return {"mode": self.name, "bytes_served": self.bytes_served}

@@ -1,10 +1,321 @@
-"""Block caches (placeholder until the shared cache lands): only the uncached path exists yet."""
+"""The block caches: one shared cache keyed by physical offset, and a plain per-inode cache beside it.
+
+Why: the kernel caches pages per inode, so N reflinked copies cost N copies of RAM. Here the cache key is
+the physical position of the bytes in the store, so every file that maps a physical range is served the
+**same buffer object** for it. `--cache inode` keys the very same machinery by (inode, logical offset) —
+the behaviour of a per-inode page cache — so the two can be measured side by side. Only the key differs:
+unit size, budget, eviction policy and code path are shared.
+
+Units: the cache holds immutable `bytes` objects of UNIT_BLOCKS blocks (64 KiB), aligned in the key's
+address space (physical for `shared`, logical for `inode`). Readers get memoryviews into them. A unit is
+never changed in place: a write drops the units it covers, so a buffer a reader (or another file) holds
+never changes under it, and copy-on-write leaves the shared original untouched by construction.
+
+Coherence: every write of the data file goes through here (`write`), and drops the units it touches; freed
+physical blocks drop their units; a change of a file's mapping drops that file's units in `inode` mode.
+
+Integrity: a physical unit may contain blocks of other files or free blocks. When it is loaded, each
+block that has a checksum is verified; a block is served only if it verified (a block that failed, or that
+has no checksum although a file maps it, raises EIO naming the file and offset).
+
+Eviction (`policy`, by name):
+- `2q` (default): new units enter a FIFO probation queue; a re-reference while still there does not
+  count (it is the same scan); units evicted from probation leave a ghost key, and a unit loaded again
+  while its ghost is remembered goes to the protected LRU. A single huge sequential read therefore only
+  cycles through probation and cannot flush the protected hot set.
+- `lru`: plain least-recently-used, for comparison.
+Eviction work is bounded: each unit inserted evicts at most the units needed to fit it (one or two
+units of the same size), and the ghost list is capped.
+
+Readahead: a read that continues where the previous read of the same file ended loads up to
+`readahead` bytes beyond it in the same data-file request.
+"""
 from __future__ import annotations
 
+import errno
+from collections import OrderedDict
+
+import xxhash
+
+from ..errors import FsError
+from ..meta.schema import BLOCK_SIZE
 from .blockio import UncachedIO
+from .space import to_signed64
+
+BS = BLOCK_SIZE
+UNIT_BLOCKS = 16
+UNIT = UNIT_BLOCKS * BS
+_xxh = xxhash.xxh3_64_intdigest
+ALL_VALID = (1 << UNIT_BLOCKS) - 1
 
 
-def make_io(mode: str, cache_size: int):
+class Entry:
+    __slots__ = ("buf", "valid", "phys")
+
+    def __init__(self, buf: bytes, valid: int, phys):
+        self.buf = buf          # UNIT bytes, never modified
+        self.valid = valid      # bit i: block i verified against its checksum (shared mode)
+        self.phys = phys        # physical runs the unit holds (inode mode), for statistics
+
+
+class Policy:
+    """Residency bookkeeping by key; the cache stores entries, the policy decides who leaves."""
+
+    def __init__(self, name: str, budget_units: int):
+        if name not in ("2q", "lru"):
+            raise ValueError(f"unknown eviction policy {name!r} (use 2q or lru)")
+        self.name = name
+        self.budget = max(1, budget_units)
+        self.probation: OrderedDict = OrderedDict()   # 2q: FIFO of first-time units
+        self.protected: OrderedDict = OrderedDict()   # LRU (the only queue of `lru`)
+        self.ghosts: OrderedDict = OrderedDict()
+        self.max_probation = max(1, self.budget // 4)
+        self.max_ghosts = self.budget
+
+    def __len__(self) -> int:
+        return len(self.probation) + len(self.protected)
+
+    def touch(self, key) -> None:
+        if key in self.protected:
+            self.protected.move_to_end(key)
+        # a hit in probation is a correlated reference (same scan): it does not promote
+
+    def insert(self, key) -> list:
+        """Admit a newly loaded unit; return the keys to evict (bounded: at most two)."""
+        if self.name == "lru":
+            self.protected[key] = None
+        elif key in self.ghosts:
+            del self.ghosts[key]
+            self.protected[key] = None
+        else:
+            self.probation[key] = None
+        victims = []
+        while len(self) > self.budget and len(victims) < 2:
+            if self.probation and (len(self.probation) > self.max_probation or not self.protected):
+                victim, _ = self.probation.popitem(last=False)
+                self.ghosts[victim] = None
+                if len(self.ghosts) > self.max_ghosts:
+                    self.ghosts.popitem(last=False)
+            else:
+                victim, _ = self.protected.popitem(last=False)
+            victims.append(victim)
+        return victims
+
+    def remove(self, key) -> None:
+        self.probation.pop(key, None)
+        self.protected.pop(key, None)
+
+
+class _CacheBase(UncachedIO):
+    """What the two caches share: storage of units, the policy, statistics."""
+
+    def __init__(self, data, space, lookup, budget: int, policy: str = "2q", readahead: int = 1 << 20):
+        super().__init__(data, space, lookup)
+        self.entries: dict = {}
+        self.policy = Policy(policy, budget // UNIT)
+        self.readahead_units = readahead // UNIT
+        self._last_end: dict[int, int] = {}      # ino -> logical block where its last read ended
+        self.hits = 0
+        self.misses = 0
+        self.evictions = 0
+        self.readahead_loads = 0
+
+    def _get(self, key, counted: bool = True):
+        e = self.entries.get(key)
+        if e is not None:
+            self.hits += counted
+            self.policy.touch(key)
+        else:
+            self.misses += counted
+        return e
+
+    def _put(self, key, entry: Entry) -> None:
+        self.entries[key] = entry
+        for victim in self.policy.insert(key):
+            if self.entries.pop(victim, None) is not None:
+                self.evictions += 1
+
+    def _drop(self, key) -> None:
+        if self.entries.pop(key, None) is not None:
+            self.policy.remove(key)
+
+    def _sequential(self, ino: int, lstart: int, lend: int) -> bool:
+        seq = self._last_end.get(ino) == lstart
+        self._last_end[ino] = lend
+        if len(self._last_end) > 4096:
+            self._last_end.clear()
+        return seq
+
+    def read_blocks(self, ino: int, lstart: int, lend: int) -> list:
+        ahead = self.readahead_units if self._sequential(ino, lstart, lend) else 0
+        parts = self._read(ino, lstart, lend, ahead)
+        self.bytes_served += (lend - lstart) * BS
+        return parts
+
+    def stats(self) -> dict:
+        return {"mode": self.name, "policy": self.policy.name, "unit_bytes": UNIT,
+                "budget_bytes": self.policy.budget * UNIT, "hits": self.hits, "misses": self.misses,
+                "evictions": self.evictions, "readahead_loads": self.readahead_loads,
+                "entries": len(self.entries), "resident_bytes": len(self.entries) * UNIT,
+                "distinct_physical_bytes": self.distinct_physical_bytes(),
+                "bytes_served": self.bytes_served}
+
+
+class SharedCache(_CacheBase):
+    """Keyed by physical unit number: every file mapping a physical range gets the same buffer."""
+    name = "shared"
+
+    def _load_units(self, u0: int, count: int) -> dict:
+        """Load `count` consecutive physical units with one data-file read; verify what has a checksum."""
+        buf = self.data.read(u0 * UNIT_BLOCKS, count * UNIT_BLOCKS)
+        sums = self.space.csums(u0 * UNIT_BLOCKS, count * UNIT_BLOCKS)
+        mv = memoryview(buf)
+        loaded = {}
+        for k in range(count):
+            valid = 0
+            base = (u0 + k) * UNIT_BLOCKS
+            for i in range(UNIT_BLOCKS):
+                want = sums.get(base + i)
+                if want is not None:
+                    off = (k * UNIT_BLOCKS + i) * BS
+                    if to_signed64(_xxh(mv[off:off + BS])) == want:
+                        valid |= 1 << i
+            loaded[u0 + k] = e = Entry(bytes(mv[k * UNIT:(k + 1) * UNIT]), valid, None)
+            self._put(u0 + k, e)
+        return loaded
+
+    def _read(self, ino: int, lstart: int, lend: int, ahead: int) -> list:
+        parts = self.read_mapped(ino, lstart, lend, lambda lb, pb, n: self._piece(ino, lb, pb, n, n))
+        if ahead:
+            for lb, pb, n in self.lookup(ino, lend, lend + ahead * UNIT_BLOCKS):
+                self._piece(ino, lb, pb, n, 0)
+        return parts
+
+    def _piece(self, ino: int, lb: int, pb: int, n: int, want: int) -> list:
+        """Views of the first `want` of physical blocks [pb, pb+n) (mapped at logical lb); the rest of the
+        n blocks are only brought into the cache (readahead)."""
+        u_first, u_last = pb // UNIT_BLOCKS, (pb + n - 1) // UNIT_BLOCKS
+        req_last = (pb + want - 1) // UNIT_BLOCKS if want else u_first - 1
+        got = {}
+        u = u_first
+        while u <= u_last:
+            e = self.entries.get(u)
+            if e is not None:
+                if u <= req_last:
+                    self.hits += 1
+                    self.policy.touch(u)
+                got[u] = e
+                u += 1
+                continue
+            run = u                             # a run of missing units: one data-file read
+            while run <= u_last and run not in self.entries and run - u < 256:
+                run += 1
+            got.update(self._load_units(u, run - u))
+            for k in range(u, run):
+                if k <= req_last:
+                    self.misses += 1
+                else:
+                    self.readahead_loads += 1
+            u = run
+        views = []
+        p, end = pb, pb + want
+        while p < end:
+            u = p // UNIT_BLOCKS
+            e = got[u]
+            i0 = p - u * UNIT_BLOCKS
+            i1 = min(UNIT_BLOCKS, end - u * UNIT_BLOCKS)
+            mask = ((1 << i1) - 1) & ~((1 << i0) - 1)
+            if e.valid & mask != mask:
+                bad = next(i for i in range(i0, i1) if not (e.valid >> i) & 1)
+                raise FsError(errno.EIO, f"inode {ino}: data at byte offset "
+                                         f"{(lb + u * UNIT_BLOCKS + bad - pb) * BS} is damaged (checksum "
+                                         f"mismatch at physical block {u * UNIT_BLOCKS + bad})")
+            views.append(memoryview(e.buf)[i0 * BS:i1 * BS])
+            p = u * UNIT_BLOCKS + i1
+        return views
+
+    def _drop_phys_range(self, pblock: int, nblocks: int) -> None:
+        for u in range(pblock // UNIT_BLOCKS, (pblock + nblocks - 1) // UNIT_BLOCKS + 1):
+            self._drop(u)
+
+    def write(self, ino: int, lblock: int, pblock: int, data) -> None:
+        super().write(ino, lblock, pblock, data)
+        self._drop_phys_range(pblock, len(data) // BS)
+
+    def drop_phys(self, pblock: int, nblocks: int) -> None:
+        self._drop_phys_range(pblock, nblocks)
+
+    def lookup_unit(self, pblock: int):
+        """The cached buffer holding a physical block, or None (for tests and inspection)."""
+        e = self.entries.get(pblock // UNIT_BLOCKS)
+        return e.buf if e else None
+
+    def distinct_physical_bytes(self) -> int:
+        return len(self.entries) * UNIT
+
+
+class InodeCache(_CacheBase):
+    """Keyed by (inode, logical unit): what a per-inode page cache does. Shared data is cached per file."""
+    name = "inode"
+
+    def _unit(self, ino: int, u: int, counted: bool = True) -> Entry:
+        key = (ino, u)
+        e = self._get(key, counted)
+        if e is None:
+            lb = u * UNIT_BLOCKS
+            runs = []
+
+            def load(lb_, pb, n):
+                runs.append((pb, n))
+                return [self.load(pb, n, ino, lb_)]
+            parts = self.read_mapped(ino, lb, lb + UNIT_BLOCKS, load)
+            e = Entry(b"".join(parts), ALL_VALID, tuple(runs))
+            self._put(key, e)
+        return e
+
+    def _read(self, ino: int, lstart: int, lend: int, ahead: int) -> list:
+        views = []
+        u_last = (lend - 1) // UNIT_BLOCKS
+        for u in range(lstart // UNIT_BLOCKS, u_last + 1):
+            e = self._unit(ino, u)
+            i0 = max(lstart - u * UNIT_BLOCKS, 0)
+            i1 = min(lend - u * UNIT_BLOCKS, UNIT_BLOCKS)
+            views.append(memoryview(e.buf)[i0 * BS:i1 * BS])
+        for u in range(u_last + 1, u_last + 1 + ahead):
+            if (ino, u) not in self.entries and self.lookup(ino, u * UNIT_BLOCKS, (u + 1) * UNIT_BLOCKS):
+                self.readahead_loads += 1
+                self._unit(ino, u, counted=False)
+        return views
+
+    def write(self, ino: int, lblock: int, pblock: int, data) -> None:
+        super().write(ino, lblock, pblock, data)
+        self.drop_inode(ino, lblock, lblock + len(data) // BS)
+
+    def drop_inode(self, ino: int, lblock: int, lend: int | None) -> None:
+        if lend is None:
+            for key in [k for k in self.entries if k[0] == ino]:
+                self._drop(key)
+            self._last_end.pop(ino, None)
+            return
+        for u in range(lblock // UNIT_BLOCKS, (lend - 1) // UNIT_BLOCKS + 1):
+            self._drop((ino, u))
+
+    def drop_phys(self, pblock: int, nblocks: int) -> None:
+        pass   # a freed block is unmapped from its file first, and that dropped the file's units
+
+    def distinct_physical_bytes(self) -> int:
+        from ..check import _coverage
+        return sum(e - s for s, e, _ in _coverage([r for en in self.entries.values() for r in en.phys])) * BS
+
+
+def make_io(mode: str, cache_size: int, policy: str = "2q"):
+    """A factory for the volume's block I/O: `none`, `shared` or `inode`."""
     if mode == "none":
         return UncachedIO
-    raise ValueError(f"unknown cache mode {mode!r}")
+    cls = {"shared": SharedCache, "inode": InodeCache}.get(mode)
+    if cls is None:
+        raise ValueError(f"unknown cache mode {mode!r} (use shared, inode or none)")
+
+    def factory(data, space, lookup):
+        return cls(data, space, lookup, budget=cache_size, policy=policy)
+    return factory

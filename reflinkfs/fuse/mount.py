@@ -29,7 +29,7 @@ class MountOptions:
     mountpoint: str
     debug: bool = False
     fuse_options: list[str] = field(default_factory=list)
-    cache: str = "none"              # shared | inode | none
+    cache: str = "shared"            # shared | inode | none
     cache_size: int = 256 << 20
     kernel_cache: bool = False
     commit_interval: float = 5.0
