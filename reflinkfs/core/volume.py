@@ -86,7 +86,7 @@ class Volume:
         self.data = data
         self._lock_fd = lock_fd
         self.space = Space(db, on_release=self._released)
-        self.io = (io_factory or UncachedIO)(data, self.space)
+        self.io = (io_factory or UncachedIO)(data, self.space, lambda ino, s, e: ext.lookup(db, ino, s, e))
         self._in_txn = False
         self._open = collections.Counter()     # ino -> open handles (unlinked files live until 0)
         self.last_commit = time.monotonic()
@@ -516,16 +516,7 @@ class Volume:
     # -- file data -----------------------------------------------------------------------------
     def _read_blocks(self, ino: int, start: int, end: int) -> list:
         """Buffers holding logical blocks [start, end) of a file; holes as zeros."""
-        parts: list = []
-        pos = start
-        for lb, pb, n in ext.lookup(self.db, ino, start, end):
-            if lb > pos:
-                parts.append(bytes((lb - pos) * BS))
-            parts.extend(self.io.read(ino, lb, pb, n))
-            pos = lb + n
-        if pos < end:
-            parts.append(bytes((end - pos) * BS))
-        return parts
+        return self.io.read_blocks(ino, start, end)
 
     def read(self, ino: int, offset: int, nbytes: int) -> bytes:
         a = self._reg(ino)
