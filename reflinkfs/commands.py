@@ -34,6 +34,24 @@ def add_parsers(sub) -> None:
     s = sub.add_parser("umount", help="unmount, flushing everything to the store")
     s.add_argument("mountpoint")
 
+    s = sub.add_parser("clone", help="share all extents of SRC with DST, or fail (never copies bytes)")
+    s.add_argument("src")
+    s.add_argument("dst")
+    s.add_argument("-r", "--recursive", action="store_true", help="clone a directory tree")
+    s.add_argument("-f", "--force", action="store_true", help="replace an existing destination file")
+
+    s = sub.add_parser("stat", help="show files' extent maps and how much of them is shared")
+    s.add_argument("files", nargs="+")
+    s.add_argument("--json", action="store_true")
+
+    s = sub.add_parser("df", help="logical and physical bytes of a mount, and what sharing saves")
+    s.add_argument("mountpoint")
+    s.add_argument("--json", action="store_true")
+
+    s = sub.add_parser("status", help="cache and data-file statistics of a mount")
+    s.add_argument("mountpoint")
+    s.add_argument("--json", action="store_true")
+
 
 # -- /proc/mounts --------------------------------------------------------------------------------
 def _unescape(field: str) -> str:
@@ -178,3 +196,165 @@ def cmd_umount(args) -> int:
         raise StoreError(f"{args.mountpoint}: unmounted, but the daemon has not finished flushing {store} "
                          f"after {UMOUNT_WAIT:.0f} s")
     return 0
+
+
+# -- inspection through virtual extended attributes -----------------------------------------------
+XATTR_EXTENTS = "user.reflinkfs.extents"
+XATTR_STATUS = "user.reflinkfs.status"
+XATTR_CLONE = "user.reflinkfs.clone-from"
+
+
+def _mount_root(path: str) -> str:
+    """The reflinkfs mountpoint that holds path (StoreError if none)."""
+    dev = os.stat(path).st_dev
+    for mnt in reflinkfs_mounts():
+        try:
+            if os.stat(mnt).st_dev == dev:
+                return mnt
+        except OSError:
+            continue
+    raise StoreError(f"{path}: not inside a reflinkfs mount")
+
+
+def _status(mountpoint: str) -> dict:
+    import json
+    root = os.path.realpath(mountpoint)
+    if root not in reflinkfs_mounts():
+        raise StoreError(f"{mountpoint}: not a reflinkfs mount")
+    return json.loads(os.getxattr(root, XATTR_STATUS))
+
+
+def file_extents(path: str) -> dict:
+    """A file's extent map as the mount reports it (all pages)."""
+    import json
+    _mount_root(path)
+    if not os.path.isfile(path):
+        raise StoreError(f"{path}: not a regular file")
+    info = json.loads(os.getxattr(path, XATTR_EXTENTS))
+    page = info
+    while page.get("next"):
+        page = json.loads(os.getxattr(path, page["next"]))
+        info["extents"] += page["extents"]
+    info.pop("next", None)
+    return info
+
+
+def cmd_stat(args) -> int:
+    import json
+    out = {}
+    for path in args.files:
+        out[path] = file_extents(path)
+    if args.json:
+        print(json.dumps(out, indent=1))
+        return 0
+    for path, info in out.items():
+        bs = info["block_size"]
+        print(f"File: {path}  size {info['size']} bytes, {info['count']} extent(s), block size {bs}")
+        print(f"{'ext':>4} {'logical':>21} {'physical':>21} {'length':>8} {'refs':>5}  flags")
+        for i, (lb, pb, n, rc) in enumerate(info["extents"]):
+            print(f"{i:>4} {lb:>10}..{lb + n - 1:<9} {pb:>10}..{pb + n - 1:<9} {n:>8} {rc:>5}  "
+                  f"{'shared' if rc > 1 else ''}")
+        print(f"shared: {info['shared_bytes']} bytes, exclusive: {info['exclusive_bytes']} bytes")
+    return 0
+
+
+def cmd_df(args) -> int:
+    import json
+    u = _status(args.mountpoint)["usage"]
+    if args.json:
+        print(json.dumps(u))
+        return 0
+    print(f"logical bytes:   {u['logical_bytes']}")
+    print(f"physical bytes:  {u['physical_bytes']}")
+    print(f"saved bytes:     {u['saved_bytes']}")
+    print(f"sharing ratio:   {u['sharing_ratio']:.2f}")
+    return 0
+
+
+def cmd_status(args) -> int:
+    import json
+    st = _status(args.mountpoint)
+    if args.json:
+        print(json.dumps(st, indent=1))
+        return 0
+    c = st["cache"]
+    print(f"cache: {c['mode']}" + (f" ({c['policy']}, budget {c['budget_bytes']} bytes, unit {c['unit_bytes']})"
+                                   if "policy" in c else ""))
+    for k in ("hits", "misses", "evictions", "readahead_loads", "resident_bytes", "distinct_physical_bytes",
+              "bytes_served"):
+        if k in c:
+            print(f"  {k}: {c[k]}")
+    d = st["data_file"]
+    print(f"data file: read {d['bytes_read']} bytes, written {d['bytes_written']} bytes, "
+          f"O_DIRECT {'on' if d['direct_io'] else 'off (pages dropped with fadvise)'}")
+    print(f"clones: {st.get('clones', 0)} ({st.get('cloned_bytes', 0)} bytes); copy_file_range handled: "
+          f"{'yes' if st.get('copy_file_range_handled') else 'NO'}")
+    return 0
+
+
+# -- clone ---------------------------------------------------------------------------------------
+def _clone_file(src: str, dst: str, force: bool) -> None:
+    import errno
+    if not os.path.isfile(src):
+        raise StoreError(f"{src}: not a regular file (use -r for a directory)")
+    if os.path.lexists(dst) and not force:
+        raise StoreError(f"{dst}: exists (use --force to replace it)")
+    sfd = os.open(src, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        st = os.fstat(sfd)
+        flags = os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC | (0 if force else os.O_EXCL)
+        dfd = os.open(dst, flags, st.st_mode & 0o7777)
+        try:
+            if os.fstat(dfd).st_dev != st.st_dev:
+                raise StoreError(f"{dst}: not on the same reflinkfs mount as {src}")
+            try:
+                os.setxattr(dfd, XATTR_CLONE, str(st.st_ino).encode())
+            except OSError as e:
+                reason = {errno.EPERM: "permission denied", errno.EACCES: "permission denied",
+                          errno.ENOSPC: "no space left in the store",
+                          errno.EINVAL: "source and destination are the same file"}.get(e.errno, e.strerror)
+                raise StoreError(f"cannot clone {src} to {dst}: {reason}") from None
+        finally:
+            os.close(dfd)
+    finally:
+        os.close(sfd)
+
+
+def cmd_clone(args) -> int:
+    src_root = _mount_root(args.src)
+    parent = os.path.dirname(os.path.abspath(args.dst)) or "."
+    if os.path.isdir(args.dst) and not args.recursive:
+        dst = os.path.join(args.dst, os.path.basename(os.path.normpath(args.src)))
+    else:
+        dst = args.dst
+        if not os.path.isdir(parent):
+            raise StoreError(f"{parent}: no such directory")
+    if _mount_root(os.path.dirname(os.path.abspath(dst)) or ".") != src_root:
+        raise StoreError(f"{dst}: not on the same reflinkfs mount as {args.src} (clones cannot cross mounts)")
+    if os.path.isdir(args.src):
+        if not args.recursive:
+            raise StoreError(f"{args.src}: is a directory (use -r)")
+        if os.path.lexists(dst) and not args.force:
+            raise StoreError(f"{dst}: exists (use --force to merge into it)")
+        _clone_tree(args.src, dst, args.force)
+    else:
+        _clone_file(args.src, dst, args.force)
+    return 0
+
+
+def _clone_tree(src: str, dst: str, force: bool) -> None:
+    st = os.lstat(src)
+    os.makedirs(dst, exist_ok=force)
+    for entry in os.scandir(src):
+        s, d = entry.path, os.path.join(dst, entry.name)
+        if entry.is_symlink():
+            if os.path.lexists(d) and force:
+                os.unlink(d)
+            os.symlink(os.readlink(s), d)
+        elif entry.is_dir():
+            _clone_tree(s, d, force)
+        elif entry.is_file():
+            _clone_file(s, d, force)
+        else:
+            raise StoreError(f"{s}: special file; only regular files, directories and symlinks are cloned")
+    os.chmod(dst, st.st_mode & 0o7777)

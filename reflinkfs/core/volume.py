@@ -733,6 +733,18 @@ class Volume:
             self._touch(dst)
             return n
 
+    def clone_file(self, src: int, dst: int) -> int:
+        """Replace dst's contents with src's, sharing every block (the last partial one too)."""
+        if src == dst:
+            raise FsError(errno.EINVAL, "source and destination are the same file")
+        with self._op():
+            s_attr, d_attr = self._reg(src), self._reg(dst)
+            self._truncate(dst, d_attr.size, 0)
+            done = self._clone_op(src, 0, dst, 0, s_attr.size)
+            if done == 0:
+                self._touch(dst)
+            return done
+
     def _copy(self, src: int, src_off: int, dst: int, dst_off: int, nbytes: int) -> None:
         done = 0
         while done < nbytes:

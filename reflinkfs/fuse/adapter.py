@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import errno
 import functools
+import json
 import logging
 import os
 import stat
@@ -27,6 +28,15 @@ log = logging.getLogger("reflinkfs.fuse")
 
 ENTRY_TIMEOUT = 1.0
 ATTR_TIMEOUT = 1.0
+
+# Virtual extended attributes: how tools and the `reflinkfs` commands see inside a mount. They are not
+# listed by listxattr (so `cp -a`/`tar --xattrs` never try to copy them) and cannot be set or removed,
+# except clone-from, which is the write-only request behind `reflinkfs clone`.
+VIRTUAL = b"user.reflinkfs."
+XATTR_EXTENTS = b"user.reflinkfs.extents"     # a file's extent map, JSON; pages: ...extents.<n>
+XATTR_STATUS = b"user.reflinkfs.status"       # on the root: cache, data-file and usage statistics
+XATTR_CLONE = b"user.reflinkfs.clone-from"    # set on a file to "<inode>" of a file this process has open
+EXTENTS_PAGE = 1500                            # keeps a page under the kernel's 64 KiB xattr limit
 
 
 def _translate(fn):
@@ -51,21 +61,24 @@ def _translate(fn):
 
 
 class Handle:
-    __slots__ = ("ino", "append")
+    __slots__ = ("ino", "append", "readable", "pid")
 
-    def __init__(self, ino: int, flags: int):
+    def __init__(self, ino: int, flags: int, pid: int):
         self.ino = ino
         self.append = bool(flags & os.O_APPEND)
+        self.readable = (flags & os.O_ACCMODE) in (os.O_RDONLY, os.O_RDWR)
+        self.pid = pid
 
 
 class Operations(pyfuse3.Operations):
     enable_writeback_cache = False
     enable_acl = False
 
-    def __init__(self, volume: Volume, direct_io: bool = True):
+    def __init__(self, volume: Volume, direct_io: bool = True, status=None):
         super().__init__()
         self.vol = volume
         self.direct_io = direct_io
+        self.status = status or (lambda: {})      # extra statistics from the composition root
         self._handles: dict[int, Handle] = {}
         self._next_fh = 1
 
@@ -90,10 +103,10 @@ class Operations(pyfuse3.Operations):
         e.st_ctime_ns = a.ctime_ns
         return e
 
-    def _new_handle(self, ino: int, flags: int) -> int:
+    def _new_handle(self, ino: int, flags: int, pid: int) -> int:
         fh = self._next_fh
         self._next_fh += 1
-        self._handles[fh] = Handle(ino, flags)
+        self._handles[fh] = Handle(ino, flags, pid)
         self.vol.opened(ino)
         return fh
 
@@ -208,11 +221,18 @@ class Operations(pyfuse3.Operations):
     # -- extended attributes -------------------------------------------------------------------
     @_translate
     async def getxattr(self, inode, name, ctx):
+        if name.startswith(VIRTUAL):
+            return self._virtual_xattr(inode, name)
         return self.vol.getxattr(inode, name)
 
     @_translate
     async def setxattr(self, inode, name, value, ctx):
-        self.vol.setxattr(inode, name, value)
+        if name == XATTR_CLONE:
+            self._clone_from(inode, value, ctx)
+        elif name.startswith(VIRTUAL):
+            raise FsError(errno.EPERM, "reflinkfs attributes are read-only")
+        else:
+            self.vol.setxattr(inode, name, value)
 
     @_translate
     async def listxattr(self, inode, ctx):
@@ -220,7 +240,47 @@ class Operations(pyfuse3.Operations):
 
     @_translate
     async def removexattr(self, inode, name, ctx):
+        if name.startswith(VIRTUAL):
+            raise FsError(errno.EPERM, "reflinkfs attributes are read-only")
         self.vol.removexattr(inode, name)
+
+    def _virtual_xattr(self, inode: int, name: bytes) -> bytes:
+        if name == XATTR_STATUS and inode == pyfuse3.ROOT_INODE:
+            st = {"cache": self.vol.io.stats(), "data_file": vars(self.vol.data.stats()),
+                  "usage": self.vol.usage(), "commits": self.vol.commits,
+                  "open_handles": len(self._handles), **self.status()}
+            return json.dumps(st).encode()
+        if name == XATTR_EXTENTS or name.startswith(XATTR_EXTENTS + b"."):
+            suffix = name[len(XATTR_EXTENTS) + 1:]
+            if suffix and not suffix.isdigit():
+                raise FsError(errno.ENODATA)
+            page = int(suffix or 0)
+            a = self.vol.getattr(inode)
+            if not stat.S_ISREG(a.mode):
+                raise FsError(errno.ENODATA)
+            pieces = self.vol.extent_map(inode)
+            shared = sum(n for _, _, n, rc in pieces if rc > 1) * 4096
+            mapped = sum(n for _, _, n, _ in pieces) * 4096
+            chunk = pieces[page * EXTENTS_PAGE:(page + 1) * EXTENTS_PAGE]
+            more = (page + 1) * EXTENTS_PAGE < len(pieces)
+            return json.dumps({"size": a.size, "block_size": 4096, "count": len(pieces),
+                               "shared_bytes": shared, "exclusive_bytes": mapped - shared,
+                               "extents": [list(p) for p in chunk],
+                               "next": f"{XATTR_EXTENTS.decode()}.{page + 1}" if more else None}).encode()
+        raise FsError(errno.ENODATA)
+
+    def _clone_from(self, dst: int, value: bytes, ctx) -> None:
+        """`reflinkfs clone`: make dst share all of src's extents, or fail; never copy bytes.
+
+        The caller proves it may read the source by holding it open for reading (the kernel checked
+        the permission at open); the kernel checks write permission on dst for setting the attribute."""
+        try:
+            src = int(value)
+        except ValueError:
+            raise FsError(errno.EINVAL, "clone-from takes an inode number") from None
+        if not any(h.ino == src and h.readable and h.pid == ctx.pid for h in self._handles.values()):
+            raise FsError(errno.EBADF, "the source must be open for reading by the calling process")
+        self.vol.clone_file(src, dst)
 
     async def access(self, inode, mode, ctx):
         return True   # default_permissions: the kernel checks
@@ -231,12 +291,12 @@ class Operations(pyfuse3.Operations):
         a = self.vol.getattr(inode)
         if stat.S_ISDIR(a.mode):
             raise FsError(errno.EISDIR)
-        return self._file_info(self._new_handle(inode, flags))
+        return self._file_info(self._new_handle(inode, flags, ctx.pid))
 
     @_translate
     async def create(self, parent_inode, name, mode, flags, ctx):
         a = self.vol.create(parent_inode, name, mode & ~ctx.umask, ctx.uid, ctx.gid)
-        return self._file_info(self._new_handle(a.ino, flags)), self.entry(a)
+        return self._file_info(self._new_handle(a.ino, flags, ctx.pid)), self.entry(a)
 
     @_translate
     async def read(self, fh, off, size):

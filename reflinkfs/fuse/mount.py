@@ -58,7 +58,11 @@ def run(opts: MountOptions, ready=None) -> int:
 
     volume = Volume.open(opts.store, io_factory=make_io(opts.cache, opts.cache_size))
     try:
-        ops = Operations(volume, direct_io=not opts.kernel_cache)
+        ops = Operations(volume, direct_io=not opts.kernel_cache,
+                         status=lambda: {"clones": ranges.clones, "cloned_bytes": ranges.cloned_bytes,
+                                         "extops": extops.counts() if ext_ok else None,
+                                         "copy_file_range_handled": bool(ext_ok and extops.interposed()),
+                                         "kernel_cache": opts.kernel_cache})
         ranges = RangeOps(ops)
         pyfuse3.init(ops, opts.mountpoint, fuse_option_set(opts))
         try:
