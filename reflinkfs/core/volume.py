@@ -22,6 +22,7 @@ import collections
 import errno
 import fcntl
 import os
+import sqlite3
 import stat
 import time
 from contextlib import contextmanager
@@ -113,6 +114,10 @@ class Volume:
                                      f"the data file was lost or replaced")
                 data.ensure_size(data_blocks)   # a crash may leave it short; the missing tail reads as zeros
             return cls(store, db, data, lock_fd, io_factory)
+        except sqlite3.DatabaseError as e:
+            os.close(lock_fd)
+            db.close()
+            raise StoreError(f"{store}: metadata database is damaged ({e}); run 'reflinkfs fsck {store}'") from None
         except BaseException:
             os.close(lock_fd)
             db.close()

@@ -101,8 +101,12 @@ def mkfs(store: str, size_limit: int = 0, uid: int | None = None, gid: int | Non
         db.close()
 
 
-def open_store_db(store: str) -> sqlite3.Connection:
-    """Open a store's database and check it is one we understand; one-line StoreError otherwise."""
+def open_store_db(store: str, thorough: bool = False) -> sqlite3.Connection:
+    """Open a store's database and check it is one we understand; one-line StoreError otherwise.
+
+    The cheap checks (file present, not shorter than SQLite says, schema version) run on every open;
+    `thorough` adds SQLite's quick_check, which reads the whole database (fsck uses it; a mount must
+    stay fast on a large store)."""
     if not os.path.isdir(store):
         raise StoreError(f"{store}: no such store directory (create one with 'reflinkfs mkfs {store}')")
     db_path = os.path.join(store, DB_NAME)
@@ -111,15 +115,28 @@ def open_store_db(store: str) -> sqlite3.Connection:
         raise StoreError(f"{store}: metadata database {DB_NAME} is missing or empty; this is not a usable store")
     if not os.path.isfile(data_path):
         raise StoreError(f"{store}: data file '{DATA_NAME}' is missing; the store cannot be used")
+    db = None
     try:
+        wal = db_path + "-wal"
+        wal_empty = not os.path.exists(wal) or os.path.getsize(wal) == 0
         db = connect(db_path)
-        ok = db.execute("PRAGMA quick_check").fetchone()[0]
-        if ok != "ok":
-            db.close()
-            raise StoreError(f"{store}: metadata database is damaged ({ok})")
+        pages, page_size = (db.execute("PRAGMA page_count").fetchone()[0],
+                            db.execute("PRAGMA page_size").fetchone()[0])
+        if wal_empty and os.path.getsize(db_path) < pages * page_size:
+            raise StoreError(f"{store}: metadata database is truncated "
+                             f"({os.path.getsize(db_path)} of {pages * page_size} bytes)")
+        if thorough:
+            ok = db.execute("PRAGMA quick_check").fetchone()[0]
+            if ok != "ok":
+                raise StoreError(f"{store}: metadata database is damaged ({ok})")
         row = db.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()
     except sqlite3.DatabaseError as e:
+        if db is not None:
+            db.close()
         raise StoreError(f"{store}: metadata database is damaged or not a reflinkfs store ({e})") from None
+    except StoreError:
+        db.close()
+        raise
     if row is None:
         db.close()
         raise StoreError(f"{store}: metadata database has no schema version; not a reflinkfs store")
