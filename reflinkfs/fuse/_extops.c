@@ -1,0 +1,448 @@
+/*
+ * reflinkfs.fuse._extops -- add copy_file_range and fallocate handlers to
+ * pyfuse3 sessions without modifying pyfuse3.
+ *
+ * pyfuse3 3.5 builds a `struct fuse_lowlevel_ops` table without
+ * copy_file_range / fallocate and hands it to libfuse's fuse_session_new().
+ * This module exports its own `fuse_session_new@@FUSE_3.0` (see extops.map).
+ * When the module is loaded with RTLD_GLOBAL *before* pyfuse3's extension is
+ * loaded, the dynamic linker binds pyfuse3's reference to
+ * fuse_session_new@FUSE_3.0 to our definition (global scope is searched in
+ * load order and we come before libfuse3).  Our definition copies the ops
+ * table, plugs in the two C handlers below and forwards to the real libfuse
+ * function obtained with dlvsym(RTLD_NEXT, ...).
+ *
+ * fuse_session_destroy is interposed the same way so that a Request object
+ * that outlives its session never touches freed libfuse memory.
+ *
+ * The C handlers run inside fuse_session_process_buf(), which pyfuse3 calls
+ * from trio's thread with the GIL held.  They still use PyGILState_Ensure so
+ * they are correct from any thread.  Each handler wraps the fuse_req_t in a
+ * `Request` object and calls the Python callable registered with
+ * set_handlers().  The callable (or whoever it hands the Request to) must
+ * reply exactly once with req.reply_write(n) / req.reply_err(errno).  A
+ * Request deallocated without a reply answers EIO, so the kernel never waits
+ * forever.
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+
+#ifndef _GNU_SOURCE
+#define _GNU_SOURCE
+#endif
+#define FUSE_USE_VERSION 35
+#include <fuse_lowlevel.h>
+
+#include <dlfcn.h>
+#include <errno.h>
+#include <string.h>
+
+#define EXPORT __attribute__((visibility("default")))
+
+typedef struct fuse_session *(*session_new_fn)(struct fuse_args *,
+                                               const struct fuse_lowlevel_ops *,
+                                               size_t, void *);
+typedef void (*session_destroy_fn)(struct fuse_session *);
+
+/* ---- global state (protected by the GIL where Python touches it) ------- */
+
+static PyObject *h_copy_file_range = NULL; /* strong refs or NULL */
+static PyObject *h_fallocate = NULL;
+static PyObject *last_exc = NULL;          /* last exception raised by a handler */
+
+static volatile int g_interposed = 0;
+static unsigned long long n_copy_file_range = 0;
+static unsigned long long n_fallocate = 0;
+static unsigned long long n_default_replies = 0; /* ENOSYS/EOPNOTSUPP fallbacks */
+static unsigned long long n_dropped = 0;         /* Requests replied EIO in dealloc */
+
+/* Sessions created through us, and a generation counter bumped whenever one
+ * of them is destroyed.  A Request records the generation it was created in;
+ * if the session died in between, the request is abandoned instead of being
+ * replied (replying would be a use-after-free inside libfuse). */
+static unsigned long g_session_gen = 0;
+
+/* ---- Request object ---------------------------------------------------- */
+
+typedef struct {
+    PyObject_HEAD
+    fuse_req_t req;        /* NULL once replied (or abandoned) */
+    unsigned long gen;     /* g_session_gen at creation */
+    const char *op;        /* "copy_file_range" / "fallocate" */
+    unsigned long uid, gid, pid;
+    int replied;
+} RequestObject;
+
+static PyTypeObject Request_Type;
+
+static PyObject *Request_new(fuse_req_t req, const char *op)
+{
+    RequestObject *self = PyObject_New(RequestObject, &Request_Type);
+    if (self == NULL)
+        return NULL;
+    self->req = req;
+    self->gen = g_session_gen;
+    self->op = op;
+    self->replied = 0;
+    const struct fuse_ctx *ctx = fuse_req_ctx(req);
+    self->uid = ctx ? (unsigned long)ctx->uid : 0;
+    self->gid = ctx ? (unsigned long)ctx->gid : 0;
+    self->pid = ctx ? (unsigned long)ctx->pid : 0;
+    return (PyObject *)self;
+}
+
+/* Take the fuse_req_t out of the object exactly once.  Returns NULL and sets
+ * an exception if it was already taken. Returns NULL without an exception
+ * (and *abandoned = 1) if the session has gone away. */
+static fuse_req_t Request_take(RequestObject *self, int *abandoned)
+{
+    *abandoned = 0;
+    if (self->replied || self->req == NULL) {
+        PyErr_Format(PyExc_RuntimeError,
+                     "%s request has already been replied to", self->op);
+        return NULL;
+    }
+    fuse_req_t r = self->req;
+    self->req = NULL;
+    self->replied = 1;
+    if (self->gen != g_session_gen) {
+        *abandoned = 1;
+        return NULL;
+    }
+    return r;
+}
+
+static PyObject *Request_reply_write(RequestObject *self, PyObject *arg)
+{
+    unsigned long long n = PyLong_AsUnsignedLongLong(arg);
+    if (n == (unsigned long long)-1 && PyErr_Occurred())
+        return NULL;
+    int abandoned;
+    fuse_req_t r = Request_take(self, &abandoned);
+    if (r == NULL) {
+        if (abandoned)
+            return PyLong_FromLong(-ENOTCONN);
+        return NULL;
+    }
+    int res;
+    Py_BEGIN_ALLOW_THREADS
+    res = fuse_reply_write(r, (size_t)n);
+    Py_END_ALLOW_THREADS
+    return PyLong_FromLong(res);
+}
+
+static PyObject *Request_reply_err(RequestObject *self, PyObject *arg)
+{
+    long e = PyLong_AsLong(arg);
+    if (e == -1 && PyErr_Occurred())
+        return NULL;
+    if (e < 0) {
+        PyErr_SetString(PyExc_ValueError, "errno must be >= 0");
+        return NULL;
+    }
+    int abandoned;
+    fuse_req_t r = Request_take(self, &abandoned);
+    if (r == NULL) {
+        if (abandoned)
+            return PyLong_FromLong(-ENOTCONN);
+        return NULL;
+    }
+    int res;
+    Py_BEGIN_ALLOW_THREADS
+    res = fuse_reply_err(r, (int)e);
+    Py_END_ALLOW_THREADS
+    return PyLong_FromLong(res);
+}
+
+static void Request_dealloc(RequestObject *self)
+{
+    if (!self->replied && self->req != NULL) {
+        fuse_req_t r = self->req;
+        self->req = NULL;
+        self->replied = 1;
+        if (self->gen == g_session_gen) {
+            n_dropped++;
+            fuse_reply_err(r, EIO);
+        }
+    }
+    PyObject_Free(self);
+}
+
+static PyObject *Request_repr(RequestObject *self)
+{
+    return PyUnicode_FromFormat("<reflinkfs.fuse._extops.Request %s pid=%lu%s>",
+                                self->op, self->pid,
+                                self->replied ? " replied" : "");
+}
+
+static PyObject *Request_get_uid(RequestObject *s, void *c) { return PyLong_FromUnsignedLong(s->uid); }
+static PyObject *Request_get_gid(RequestObject *s, void *c) { return PyLong_FromUnsignedLong(s->gid); }
+static PyObject *Request_get_pid(RequestObject *s, void *c) { return PyLong_FromUnsignedLong(s->pid); }
+static PyObject *Request_get_replied(RequestObject *s, void *c) { return PyBool_FromLong(s->replied); }
+static PyObject *Request_get_op(RequestObject *s, void *c) { return PyUnicode_FromString(s->op); }
+
+static PyGetSetDef Request_getset[] = {
+    {"uid", (getter)Request_get_uid, NULL, "uid of the calling process", NULL},
+    {"gid", (getter)Request_get_gid, NULL, "gid of the calling process", NULL},
+    {"pid", (getter)Request_get_pid, NULL, "pid of the calling process", NULL},
+    {"replied", (getter)Request_get_replied, NULL, "True once a reply was sent", NULL},
+    {"op", (getter)Request_get_op, NULL, "'copy_file_range' or 'fallocate'", NULL},
+    {NULL}
+};
+
+static PyMethodDef Request_methods[] = {
+    {"reply_write", (PyCFunction)Request_reply_write, METH_O,
+     "reply_write(nbytes) -> int: answer a copy_file_range request with a byte count."},
+    {"reply_err", (PyCFunction)Request_reply_err, METH_O,
+     "reply_err(errno) -> int: answer with an error (0 = success, e.g. for fallocate)."},
+    {NULL}
+};
+
+static PyTypeObject Request_Type = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "reflinkfs.fuse._extops.Request",
+    .tp_basicsize = sizeof(RequestObject),
+    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_doc = "A pending FUSE request; reply exactly once.",
+    .tp_dealloc = (destructor)Request_dealloc,
+    .tp_repr = (reprfunc)Request_repr,
+    .tp_methods = Request_methods,
+    .tp_getset = Request_getset,
+};
+
+/* ---- dispatch ---------------------------------------------------------- */
+
+/* Call handler(req, *args).  On any failure (no handler, exception, object
+ * creation failure) reply `fallback_errno` unless a reply was already sent.
+ * Never leaves a Python exception set: pyfuse3 checks PyErr_Occurred() after
+ * fuse_session_process_buf(). */
+static void dispatch(fuse_req_t req, const char *op, PyObject *handler,
+                     int fallback_errno, const char *fmt, ...)
+{
+    PyGILState_STATE gs = PyGILState_Ensure();
+    PyObject *s_type, *s_val, *s_tb;                /* normally all NULL */
+    PyErr_Fetch(&s_type, &s_val, &s_tb);
+    RequestObject *robj = NULL;
+    PyObject *args = NULL, *res = NULL;
+
+    if (handler == NULL)
+        goto fallback;
+    Py_INCREF(handler);  /* set_handlers() may replace it during the call */
+
+    robj = (RequestObject *)Request_new(req, op);
+    if (robj == NULL)
+        goto fail;
+
+    va_list ap;
+    va_start(ap, fmt);
+    PyObject *rest = Py_VaBuildValue(fmt, ap);
+    va_end(ap);
+    if (rest == NULL)
+        goto fail;
+    /* build (req, *rest) */
+    Py_ssize_t n = PyTuple_GET_SIZE(rest);
+    args = PyTuple_New(n + 1);
+    if (args == NULL) {
+        Py_DECREF(rest);
+        goto fail;
+    }
+    Py_INCREF(robj);
+    PyTuple_SET_ITEM(args, 0, (PyObject *)robj);
+    for (Py_ssize_t i = 0; i < n; i++) {
+        PyObject *it = PyTuple_GET_ITEM(rest, i);
+        Py_INCREF(it);
+        PyTuple_SET_ITEM(args, i + 1, it);
+    }
+    Py_DECREF(rest);
+
+    res = PyObject_Call(handler, args, NULL);
+    if (res == NULL)
+        goto fail;
+    Py_DECREF(res);
+    Py_DECREF(args);
+    Py_DECREF(handler);
+    /* If nobody kept a reference and nobody replied, dealloc replies EIO. */
+    Py_DECREF(robj);
+    goto out;
+
+fail:
+    {
+        PyObject *t, *v, *tb;
+        PyErr_Fetch(&t, &v, &tb);
+        PyErr_NormalizeException(&t, &v, &tb);
+        if (v != NULL && tb != NULL)
+            PyException_SetTraceback(v, tb);
+        Py_XDECREF(t);
+        Py_XDECREF(tb);
+        Py_XSETREF(last_exc, v);  /* steals v (may be NULL) */
+    }
+    Py_XDECREF(args);
+    Py_XDECREF(handler);
+    if (robj != NULL) {
+        if (!robj->replied && robj->req != NULL) {
+            robj->req = NULL;
+            robj->replied = 1;
+            n_default_replies++;
+            fuse_reply_err(req, fallback_errno);
+        }
+        Py_DECREF(robj);
+        goto out;
+    }
+fallback:
+    n_default_replies++;
+    fuse_reply_err(req, fallback_errno);
+out:
+    PyErr_Restore(s_type, s_val, s_tb);
+    PyGILState_Release(gs);
+}
+
+static void op_copy_file_range(fuse_req_t req, fuse_ino_t ino_in, off_t off_in,
+                               struct fuse_file_info *fi_in, fuse_ino_t ino_out,
+                               off_t off_out, struct fuse_file_info *fi_out,
+                               size_t len, int flags)
+{
+    __atomic_add_fetch(&n_copy_file_range, 1, __ATOMIC_RELAXED);
+    dispatch(req, "copy_file_range", h_copy_file_range, ENOSYS,
+             "(KKLKKLKi)",
+             (unsigned long long)ino_in,
+             (unsigned long long)(fi_in ? fi_in->fh : 0),
+             (long long)off_in,
+             (unsigned long long)ino_out,
+             (unsigned long long)(fi_out ? fi_out->fh : 0),
+             (long long)off_out,
+             (unsigned long long)len,
+             flags);
+}
+
+static void op_fallocate(fuse_req_t req, fuse_ino_t ino, int mode,
+                         off_t offset, off_t length, struct fuse_file_info *fi)
+{
+    __atomic_add_fetch(&n_fallocate, 1, __ATOMIC_RELAXED);
+    dispatch(req, "fallocate", h_fallocate, EOPNOTSUPP,
+             "(KKiLL)",
+             (unsigned long long)ino,
+             (unsigned long long)(fi ? fi->fh : 0),
+             mode, (long long)offset, (long long)length);
+}
+
+/* ---- the interposed libfuse entry points ------------------------------- */
+
+EXPORT struct fuse_session *
+fuse_session_new(struct fuse_args *args, const struct fuse_lowlevel_ops *op,
+                 size_t op_size, void *userdata)
+{
+    session_new_fn real = (session_new_fn)dlvsym(RTLD_NEXT, "fuse_session_new", "FUSE_3.0");
+    if (real == NULL)
+        real = (session_new_fn)dlsym(RTLD_NEXT, "fuse_session_new");
+    if (real == NULL) {
+        errno = ENOSYS;
+        return NULL;
+    }
+    if (op == NULL)
+        return real(args, op, op_size, userdata);
+
+    /* libfuse copies the table into the session, so a stack copy is fine. */
+    struct fuse_lowlevel_ops ops;
+    memset(&ops, 0, sizeof(ops));
+    memcpy(&ops, op, op_size < sizeof(ops) ? op_size : sizeof(ops));
+    ops.copy_file_range = op_copy_file_range;
+    ops.fallocate = op_fallocate;
+    g_interposed = 1;
+    return real(args, &ops, sizeof(ops), userdata);
+}
+
+EXPORT void fuse_session_destroy(struct fuse_session *se)
+{
+    session_destroy_fn real = (session_destroy_fn)dlvsym(RTLD_NEXT, "fuse_session_destroy", "FUSE_3.0");
+    if (real == NULL)
+        real = (session_destroy_fn)dlsym(RTLD_NEXT, "fuse_session_destroy");
+    /* Outstanding Request objects must not reply into a freed session.
+     * (Callers hold the GIL here in pyfuse3; a plain increment suffices.) */
+    __atomic_add_fetch(&g_session_gen, 1, __ATOMIC_SEQ_CST);
+    if (real != NULL)
+        real(se);
+}
+
+/* ---- module functions --------------------------------------------------- */
+
+static int check_callable(PyObject *o, const char *name)
+{
+    if (o != Py_None && !PyCallable_Check(o)) {
+        PyErr_Format(PyExc_TypeError, "%s must be callable or None", name);
+        return -1;
+    }
+    return 0;
+}
+
+static PyObject *m_set_handlers(PyObject *mod, PyObject *args, PyObject *kw)
+{
+    static char *kwlist[] = {"copy_file_range", "fallocate", NULL};
+    PyObject *cfr = Py_None, *fa = Py_None;
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "|OO:set_handlers", kwlist, &cfr, &fa))
+        return NULL;
+    if (check_callable(cfr, "copy_file_range") < 0 || check_callable(fa, "fallocate") < 0)
+        return NULL;
+    PyObject *new_cfr = cfr == Py_None ? NULL : Py_NewRef(cfr);
+    PyObject *new_fa = fa == Py_None ? NULL : Py_NewRef(fa);
+    Py_XSETREF(h_copy_file_range, new_cfr);
+    Py_XSETREF(h_fallocate, new_fa);
+    Py_RETURN_NONE;
+}
+
+static PyObject *m_interposed(PyObject *mod, PyObject *unused)
+{
+    return PyBool_FromLong(g_interposed);
+}
+
+static PyObject *m_counts(PyObject *mod, PyObject *unused)
+{
+    return Py_BuildValue("{s:K,s:K,s:K,s:K}",
+                         "copy_file_range", n_copy_file_range,
+                         "fallocate", n_fallocate,
+                         "default_replies", n_default_replies,
+                         "dropped", n_dropped);
+}
+
+static PyObject *m_last_exception(PyObject *mod, PyObject *unused)
+{
+    if (last_exc == NULL)
+        Py_RETURN_NONE;
+    return Py_NewRef(last_exc);
+}
+
+static PyMethodDef module_methods[] = {
+    {"set_handlers", (PyCFunction)(void (*)(void))m_set_handlers, METH_VARARGS | METH_KEYWORDS,
+     "set_handlers(copy_file_range=None, fallocate=None)\n\n"
+     "copy_file_range(req, ino_in, fh_in, off_in, ino_out, fh_out, off_out, length, flags)\n"
+     "fallocate(req, ino, fh, mode, offset, length)\n"
+     "The callable must eventually call req.reply_write()/req.reply_err()."},
+    {"interposed", m_interposed, METH_NOARGS,
+     "interposed() -> bool: True once pyfuse3's fuse_session_new went through us."},
+    {"counts", m_counts, METH_NOARGS,
+     "counts() -> dict: requests received per operation (plus fallback stats)."},
+    {"last_exception", m_last_exception, METH_NOARGS,
+     "last_exception() -> BaseException | None: last exception raised by a handler."},
+    {NULL}
+};
+
+static struct PyModuleDef moduledef = {
+    PyModuleDef_HEAD_INIT,
+    .m_name = "reflinkfs.fuse._extops",
+    .m_doc = "copy_file_range/fallocate support for pyfuse3 via fuse_session_new interposition.",
+    .m_size = -1,
+    .m_methods = module_methods,
+};
+
+EXPORT PyMODINIT_FUNC PyInit__extops(void)
+{
+    if (PyType_Ready(&Request_Type) < 0)
+        return NULL;
+    PyObject *m = PyModule_Create(&moduledef);
+    if (m == NULL)
+        return NULL;
+    if (PyModule_AddObjectRef(m, "Request", (PyObject *)&Request_Type) < 0) {
+        Py_DECREF(m);
+        return NULL;
+    }
+    return m;
+}

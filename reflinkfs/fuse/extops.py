@@ -1,0 +1,218 @@
+"""copy_file_range and fallocate for pyfuse3, without patching pyfuse3.
+
+Why this exists
+---------------
+pyfuse3 3.5 fills a ``struct fuse_lowlevel_ops`` table without
+``copy_file_range`` and ``fallocate`` and passes it to libfuse's
+``fuse_session_new()``.  The kernel therefore never sends those requests to
+us: copy_file_range falls back to a read/write copy through the page cache,
+and fallocate fails (glibc's posix_fallocate then emulates it by writing).
+
+Mechanism
+---------
+The C extension ``reflinkfs.fuse._extops`` defines its own
+``fuse_session_new`` carrying the same symbol version as libfuse
+(``fuse_session_new@@FUSE_3.0``, see ``extops.map``).  :func:`load` imports it
+with ``RTLD_GLOBAL``, which puts it into the process-wide symbol scope ahead of
+libfuse3.  When pyfuse3's extension module is loaded afterwards, the dynamic
+linker binds its reference ``fuse_session_new@FUSE_3.0`` to *our* definition.
+Ours copies pyfuse3's ops table, sets ``copy_file_range`` / ``fallocate`` to
+C handlers, and forwards to the real function via
+``dlvsym(RTLD_NEXT, "fuse_session_new", "FUSE_3.0")``.  ``fuse_session_destroy``
+is interposed the same way, only so that late replies after the session is
+gone are dropped instead of touching freed memory.
+
+The C handlers run inside ``fuse_session_process_buf()`` (trio's thread, GIL
+held), wrap the ``fuse_req_t`` in a :class:`Request` and call the Python
+handler registered with :func:`set_handlers`.
+
+Load-order pitfall
+------------------
+Symbol binding happens when pyfuse3's ``.so`` is loaded (immediately, or on
+the first call with lazy binding, but in both cases only objects already in
+the global scope are candidates).  If ``import pyfuse3`` happened before
+:func:`load`, pyfuse3 is already bound to libfuse's own ``fuse_session_new``;
+loading us later changes nothing and the handlers are silently never called.
+So :func:`load` must run before the first ``import pyfuse3`` in the process
+(typically first thing in the CLI entry point, before importing modules that
+import pyfuse3).  :func:`load` refuses (raises :class:`LoadOrderError`) when
+pyfuse3 is already in ``sys.modules``; ``load(strict=False)`` returns a
+:class:`LoadStatus` instead.  After ``pyfuse3.init()``, :func:`interposed`
+tells whether the interposition really happened.
+
+Handler protocol
+----------------
+``copy_file_range(req, ino_in, fh_in, off_in, ino_out, fh_out, off_out, length, flags)``
+and ``fallocate(req, ino, fh, mode, offset, length)``.
+
+* Plain callables must reply exactly once, now or later (from any thread):
+  ``req.reply_write(nbytes)`` (copy_file_range) or ``req.reply_err(errno)``
+  (``0`` = success, e.g. for fallocate).  A second reply raises
+  ``RuntimeError``; a Request garbage-collected without reply answers EIO.
+* ``async def`` handlers (through this module's :func:`set_handlers`) are
+  run as a trio system task.  If they return without replying, the return
+  value is the reply: an int byte count for copy_file_range, ``None``/``0``
+  for fallocate success.  ``OSError`` replies its errno, any other exception
+  EIO.
+* If no handler is registered, or the handler raises synchronously, the C
+  side replies ENOSYS (copy_file_range; the kernel then disables the op for
+  this mount and does a generic read/write copy) or EOPNOTSUPP (fallocate).
+  Nothing is printed; see :func:`last_exception`.
+
+``req.uid``, ``req.gid`` and ``req.pid`` give the request context.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import errno
+import inspect
+import os
+import sys
+from typing import Any, Callable
+
+__all__ = [
+    "LoadOrderError",
+    "LoadStatus",
+    "load",
+    "set_handlers",
+    "interposed",
+    "counts",
+    "last_exception",
+]
+
+_ext = None  # the loaded reflinkfs.fuse._extops module
+_last_async_exc: BaseException | None = None  # raised by an async handler task
+
+
+class LoadOrderError(RuntimeError):
+    """pyfuse3 was imported before extops.load(); interposition cannot work."""
+
+
+@dataclasses.dataclass(frozen=True)
+class LoadStatus:
+    loaded: bool          # the C extension is importable/imported
+    effective: bool       # it was loaded before pyfuse3, so it will interpose
+    reason: str = ""
+
+    def __bool__(self) -> bool:
+        return self.effective
+
+
+_status = LoadStatus(False, False, "load() not called")
+
+
+def load(strict: bool = True) -> LoadStatus:
+    """Load the C extension into the global symbol scope.
+
+    Must be called before the first ``import pyfuse3``.  Idempotent.
+    With ``strict=True`` (default) raises :class:`LoadOrderError` if pyfuse3
+    was imported first, and ``ImportError`` if the extension is missing.
+    With ``strict=False`` returns a falsy :class:`LoadStatus` instead.
+    """
+    global _ext, _status
+    if _ext is not None:
+        return _status
+    if "pyfuse3" in sys.modules:
+        status = LoadStatus(False, False,
+                            "pyfuse3 was imported before reflinkfs.fuse.extops.load(); "
+                            "fuse_session_new is already bound to libfuse")
+        if strict:
+            raise LoadOrderError(status.reason)
+        return status
+    old = sys.getdlopenflags()
+    sys.setdlopenflags(old | os.RTLD_GLOBAL)
+    try:
+        from . import _extops
+    except ImportError as exc:
+        if strict:
+            raise
+        return LoadStatus(False, False, f"cannot import reflinkfs.fuse._extops: {exc}")
+    finally:
+        sys.setdlopenflags(old)
+    _ext = _extops
+    _status = LoadStatus(True, True)
+    return _status
+
+
+def _require():
+    if _ext is None:
+        raise RuntimeError("reflinkfs.fuse.extops.load() has not been called")
+    return _ext
+
+
+def interposed() -> bool:
+    """True once pyfuse3's fuse_session_new() went through our wrapper."""
+    return _ext is not None and _ext.interposed()
+
+
+def counts() -> dict[str, int]:
+    """Requests received: {'copy_file_range', 'fallocate', 'default_replies', 'dropped'}."""
+    return _require().counts()
+
+
+def last_exception() -> BaseException | None:
+    """Last exception raised by a handler, if any.
+
+    An exception from an async handler task takes precedence over one raised
+    synchronously (which the C side recorded when it replied the default errno).
+    """
+    return _last_async_exc if _last_async_exc is not None else _require().last_exception()
+
+
+def _wrap(handler: Callable[..., Any] | None, op: str):
+    if handler is None:
+        return None
+    if not inspect.iscoroutinefunction(handler):
+        return handler  # plain callable: must reply itself
+
+    async def run(req, coro):
+        global _last_async_exc
+        try:
+            result = await coro
+        except OSError as exc:
+            _last_async_exc = exc
+            if not req.replied:
+                req.reply_err(exc.errno or errno.EIO)
+            return
+        except BaseException as exc:  # includes Cancelled at shutdown
+            _last_async_exc = exc
+            if not req.replied:
+                req.reply_err(errno.EIO)
+            if not isinstance(exc, Exception):
+                raise
+            return
+        if req.replied:
+            return
+        if op == "copy_file_range":
+            if not isinstance(result, int) or result < 0:
+                req.reply_err(errno.EIO)
+            else:
+                req.reply_write(result)
+        else:
+            req.reply_err(0 if result is None else int(result))
+
+    def sync_entry(req, *args):
+        import trio  # only async handlers need trio
+
+        coro = handler(req, *args)
+        try:
+            trio.lowlevel.spawn_system_task(run, req, coro, name=f"extops.{op}")
+        except BaseException:
+            coro.close()
+            raise  # C side replies the default errno
+    sync_entry.__wrapped__ = handler
+    return sync_entry
+
+
+def set_handlers(copy_file_range: Callable[..., Any] | None = None,
+                 fallocate: Callable[..., Any] | None = None) -> None:
+    """Register (or clear with None) the Python handlers.
+
+    ``copy_file_range(req, ino_in, fh_in, off_in, ino_out, fh_out, off_out, length, flags)``
+    ``fallocate(req, ino, fh, mode, offset, length)``
+
+    May be called before or after pyfuse3.init(); takes effect immediately.
+    """
+    _require().set_handlers(copy_file_range=_wrap(copy_file_range, "copy_file_range"),
+                            fallocate=_wrap(fallocate, "fallocate"))

@@ -1,0 +1,280 @@
+"""Real-mount tests for reflinkfs.fuse.extops (copy_file_range / fallocate).
+
+Each test mounts tests/mount/_toyfs.py in a child process (which calls
+extops.load() before importing pyfuse3) and talks to it with real syscalls.
+"""
+
+import contextlib
+import errno
+import json
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+HERE = Path(__file__).resolve().parent
+TOYFS = HERE / "_toyfs.py"
+SRC_DATA = bytes(range(256)) * 64  # must match _toyfs.SRC_DATA
+MOUNT_TIMEOUT = 20.0
+WATCHDOG = 120.0  # a hung request is turned into a failure, not a hung test
+
+
+def _fuse_unavailable():
+    if not os.path.exists("/dev/fuse"):
+        return "/dev/fuse is missing"
+    if shutil.which("fusermount3") is None:
+        return "fusermount3 is not installed"
+    return None
+
+
+def _need_fuse():
+    reason = _fuse_unavailable()
+    if reason:
+        if os.environ.get("REFLINKFS_REQUIRE_FUSE") == "1":
+            pytest.fail(f"REFLINKFS_REQUIRE_FUSE=1 but {reason}")
+        pytest.skip(reason)
+
+
+def _fusermount(mnt, lazy=False, timeout=30):
+    cmd = ["fusermount3", "-u"] + (["-z"] if lazy else []) + [str(mnt)]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+
+
+def _is_mounted(mnt):
+    # /proc/self/mountinfo never blocks on a wedged FUSE daemon, unlike stat()
+    # (so `mnt` must already be a real path: realpath() would lstat it).
+    target = os.fsencode(mnt).replace(b"\\", b"\\134").replace(b" ", b"\\040")
+    with open("/proc/self/mountinfo", "rb") as f:
+        return any(line.split()[4] == target for line in f)
+
+
+class ToyMount:
+    def __init__(self, tmp_path, mode):
+        self.mnt = tmp_path / f"mnt-{mode}"
+        self.mnt.mkdir()
+        self.mnt = Path(os.path.realpath(self.mnt))  # resolved before mounting
+        self.logfile = tmp_path / f"log-{mode}.jsonl"
+        self.outfile = tmp_path / f"out-{mode}.txt"
+        self.mode = mode
+        self.proc = None
+        self._kill_lock = threading.Lock()
+
+    def records(self, event=None):
+        if not self.logfile.exists():
+            return []
+        recs = [json.loads(l) for l in self.logfile.read_text().splitlines() if l.strip()]
+        return [r for r in recs if event is None or r["event"] == event]
+
+    def output(self):
+        return self.outfile.read_text() if self.outfile.exists() else ""
+
+    def path(self, name):
+        return self.mnt / name
+
+    def start(self):
+        env = dict(os.environ, PYTHONUNBUFFERED="1")
+        self._out = open(self.outfile, "w")
+        self.proc = subprocess.Popen(
+            [sys.executable, str(TOYFS), str(self.mnt), str(self.logfile), self.mode],
+            stdout=self._out, stderr=subprocess.STDOUT, env=env)
+        deadline = time.monotonic() + MOUNT_TIMEOUT
+        while not os.path.ismount(self.mnt):
+            if self.proc.poll() is not None:
+                pytest.fail(f"toyfs exited with {self.proc.returncode} before mounting:\n"
+                            + self.output())
+            if time.monotonic() > deadline:
+                pytest.fail("toyfs did not mount within %.0fs:\n%s" % (MOUNT_TIMEOUT, self.output()))
+            time.sleep(0.02)
+
+    def kill_hard(self):
+        """Lazy-unmount, terminate, kill: aborts requests the daemon never answers.
+
+        fusermount3 itself can block on a wedged daemon, so it gets a short
+        timeout and is retried once the daemon is dead.
+        """
+        with self._kill_lock:
+            if _is_mounted(self.mnt):
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    _fusermount(self.mnt, lazy=True, timeout=5)
+            if self.proc is not None and self.proc.poll() is None:
+                self.proc.terminate()
+                try:
+                    self.proc.wait(5)
+                except subprocess.TimeoutExpired:
+                    self.proc.kill()
+                    self.proc.wait(10)
+            if _is_mounted(self.mnt):  # daemon dead: this cannot block any more
+                _fusermount(self.mnt, lazy=True, timeout=30)
+
+    def stop(self, failed):
+        clean = False
+        try:
+            if not failed and _is_mounted(self.mnt):
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    clean = _fusermount(self.mnt, timeout=15).returncode == 0
+            if clean and self.proc is not None:
+                try:
+                    self.proc.wait(15)
+                except subprocess.TimeoutExpired:
+                    clean = False
+        finally:
+            if not clean:
+                self.kill_hard()
+            self._out.close()
+        return clean
+
+
+@contextlib.contextmanager
+def toy_mount(tmp_path, mode):
+    _need_fuse()
+    m = ToyMount(tmp_path, mode)
+    watchdog = threading.Timer(WATCHDOG, m.kill_hard)
+    watchdog.daemon = True
+    failed = True
+    try:
+        m.start()
+        watchdog.start()
+        yield m
+        failed = False
+    finally:
+        watchdog.cancel()
+        clean = m.stop(failed)
+        assert not _is_mounted(m.mnt), "mount left behind"
+    # Only reached when the body succeeded.
+    assert clean, "daemon did not shut down cleanly:\n" + m.output()
+    assert m.proc.returncode == 0, m.output()
+    assert "Traceback" not in m.output(), m.output()
+
+
+def test_copy_file_range_and_fallocate_reach_handlers(tmp_path):
+    with toy_mount(tmp_path, "normal") as m:
+        (mounted,) = m.records("mounted")
+        assert mounted["interposed"] is True
+
+        src, dst = m.path("src"), m.path("dst")
+        assert src.read_bytes() == SRC_DATA
+        src_ino, dst_ino = os.stat(src).st_ino, os.stat(dst).st_ino
+
+        # --- copy_file_range --------------------------------------------
+        writes_before = len(m.records("write"))
+        fd_in = os.open(src, os.O_RDONLY)
+        fd_out = os.open(dst, os.O_WRONLY)
+        try:
+            n = os.copy_file_range(fd_in, fd_out, 10000, 100, 0)
+        finally:
+            os.close(fd_in)
+            os.close(fd_out)
+        assert n == 10000
+        assert dst.read_bytes() == SRC_DATA[100:10100]
+
+        (rec,) = m.records("copy_file_range")
+        assert (rec["ino_in"], rec["fh_in"], rec["off_in"]) == (src_ino, src_ino, 100)
+        assert (rec["ino_out"], rec["fh_out"], rec["off_out"]) == (dst_ino, dst_ino, 0)
+        assert rec["length"] == 10000 and rec["flags"] == 0
+        assert rec["replied"] == 10000
+        assert rec["double_reply_raised"] is True
+        assert rec["pid"] == os.getpid()
+        assert (rec["uid"], rec["gid"]) == (os.getuid(), os.getgid())
+        assert rec["counts"]["copy_file_range"] == 1
+        # the handler did the copy, not the kernel's read/write fallback
+        assert len(m.records("write")) == writes_before
+
+        # --- fallocate ----------------------------------------------------
+        fd = os.open(dst, os.O_RDWR)
+        try:
+            os.posix_fallocate(fd, 0, 50000)
+            assert os.fstat(fd).st_size == 50000
+        finally:
+            os.close(fd)
+        (fa,) = m.records("fallocate")
+        assert (fa["ino"], fa["fh"], fa["mode"], fa["offset"], fa["length"]) == (
+            dst_ino, dst_ino, 0, 0, 50000)
+        assert fa["pid"] == os.getpid()
+        assert fa["counts"]["fallocate"] == 1
+        # glibc did not emulate it with writes
+        assert len(m.records("write")) == writes_before
+        data = dst.read_bytes()
+        assert len(data) == 50000 and data[:10000] == SRC_DATA[100:10100]
+        assert data[10000:] == bytes(40000)
+
+        # --- a handler that never replies: dealloc answers EIO -----------
+        fd = os.open(m.path("drop"), os.O_RDWR)
+        try:
+            with pytest.raises(OSError) as ei:
+                os.posix_fallocate(fd, 0, 4096)
+            assert ei.value.errno == errno.EIO
+        finally:
+            os.close(fd)
+        assert m.records("fallocate")[-1].get("dropped") is True
+
+    (exit_rec,) = m.records("exit")
+    assert exit_rec["counts"]["copy_file_range"] == 1
+    assert exit_rec["counts"]["fallocate"] == 2
+    assert exit_rec["counts"]["dropped"] == 1
+    assert exit_rec["counts"]["default_replies"] == 0
+
+
+def test_raising_handlers_fall_back_without_hanging(tmp_path):
+    with toy_mount(tmp_path, "raise") as m:
+        assert m.records("mounted")[0]["interposed"] is True
+        src, dst = m.path("src"), m.path("dst")
+
+        # Handler raises -> ENOSYS -> kernel disables the op for this mount and
+        # copies the bytes itself (read + write through the daemon).
+        fd_in = os.open(src, os.O_RDONLY)
+        fd_out = os.open(dst, os.O_WRONLY)
+        try:
+            n = os.copy_file_range(fd_in, fd_out, 5000, 0, 0)
+            assert 0 < n <= 5000
+            total = n
+            while total < 5000:  # the generic fallback may copy less per call
+                k = os.copy_file_range(fd_in, fd_out, 5000 - total, total, total)
+                assert k > 0
+                total += k
+        finally:
+            os.close(fd_in)
+            os.close(fd_out)
+        assert dst.read_bytes() == SRC_DATA[:5000]
+        cfr = m.records("copy_file_range")
+        assert len(cfr) == 1, "ENOSYS must disable copy_file_range for the mount"
+        assert cfr[0]["raised"] is True
+        assert m.records("write"), "kernel fallback should have written the data"
+
+        # fallocate handler raises -> EOPNOTSUPP -> glibc emulates with writes.
+        fd = os.open(dst, os.O_RDWR)
+        try:
+            os.posix_fallocate(fd, 0, 16384)
+            assert os.fstat(fd).st_size >= 16384
+        finally:
+            os.close(fd)
+        assert m.records("fallocate")[0]["raised"] is True
+
+    (exit_rec,) = m.records("exit")
+    assert exit_rec["counts"]["copy_file_range"] == 1
+    assert exit_rec["counts"]["fallocate"] >= 1
+    assert exit_rec["counts"]["default_replies"] == exit_rec["counts"]["copy_file_range"] + exit_rec["counts"]["fallocate"]
+    assert "ValueError" in exit_rec["last_exception"]
+
+
+LOAD_AFTER_PYFUSE3 = textwrap.dedent("""
+    import pyfuse3
+    from reflinkfs.fuse import extops
+    st = extops.load(strict=False)
+    assert not st and not st.effective and "pyfuse3" in st.reason, st
+    try:
+        extops.load()
+    except extops.LoadOrderError:
+        print("OK")
+""")
+
+
+def test_load_after_pyfuse3_is_refused():
+    r = subprocess.run([sys.executable, "-c", LOAD_AFTER_PYFUSE3],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0 and r.stdout.strip() == "OK", r.stdout + r.stderr
