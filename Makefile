@@ -16,7 +16,7 @@ $(STAMP): pyproject.toml $(wildcard reflinkfs/fuse/*.c)
 	fi
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip setuptools wheel
-	$(PY) -m pip install -q -e '.[test]'
+	$(PY) -m pip install -q -e '.[test,bench]'
 	touch $(STAMP)
 
 test: setup

@@ -27,8 +27,10 @@ Eviction (`policy`, by name):
 Eviction work is bounded: each unit inserted evicts at most the units needed to fit it (one or two
 units of the same size), and the ghost list is capped.
 
-Readahead: a read that continues where the previous read of the same file ended loads up to
-`readahead` bytes beyond it in the same data-file request.
+Readahead: a read that continues where the previous read of the same file ended, and has to go to the
+data file, loads up to `readahead` bytes beyond it in the same data-file request (`inode` mode: unit by
+unit). A read served from the cache reads nothing ahead, so a sequential reader costs one data-file
+request per window, not one per request.
 """
 from __future__ import annotations
 
@@ -185,10 +187,22 @@ class SharedCache(_CacheBase):
         return loaded
 
     def _read(self, ino: int, lstart: int, lend: int, ahead: int) -> list:
-        parts = self.read_mapped(ino, lstart, lend, lambda lb, pb, n: self._piece(ino, lb, pb, n, n))
-        if ahead:
-            for lb, pb, n in self.lookup(ino, lend, lend + ahead * UNIT_BLOCKS):
-                self._piece(ino, lb, pb, n, 0)
+        runs = self.lookup(ino, lstart, lend + ahead * UNIT_BLOCKS)
+        if ahead and all(u in self.entries for lb, pb, n in runs if lb < lend
+                         for u in range(pb // UNIT_BLOCKS, (pb + min(n, lend - lb) - 1) // UNIT_BLOCKS + 1)):
+            runs = [(lb, pb, min(n, lend - lb)) for lb, pb, n in runs if lb < lend]   # all cached: no readahead
+        # each piece loads its missing units, readahead included, with one data-file read
+        parts: list = []
+        pos = lstart
+        for lb, pb, n in runs:
+            want = max(0, min(n, lend - lb))
+            if want and lb > pos:
+                parts.append(bytes((lb - pos) * BS))
+            parts.extend(self._piece(ino, lb, pb, n, want))
+            if want:
+                pos = lb + want
+        if pos < lend:
+            parts.append(bytes((lend - pos) * BS))
         return parts
 
     def _piece(self, ino: int, lb: int, pb: int, n: int, want: int) -> list:
@@ -276,15 +290,29 @@ class InodeCache(_CacheBase):
     def _read(self, ino: int, lstart: int, lend: int, ahead: int) -> list:
         views = []
         u_last = (lend - 1) // UNIT_BLOCKS
+        if ahead and all((ino, u) in self.entries for u in range(lstart // UNIT_BLOCKS, u_last + 1)):
+            ahead = 0                           # served from the cache: nothing to read ahead
         for u in range(lstart // UNIT_BLOCKS, u_last + 1):
-            e = self._unit(ino, u)
             i0 = max(lstart - u * UNIT_BLOCKS, 0)
             i1 = min(lend - u * UNIT_BLOCKS, UNIT_BLOCKS)
+            try:
+                e = self._unit(ino, u)
+            except FsError as err:
+                if err.errno != errno.EIO:
+                    raise
+                # a damaged block must not make the rest of its unit unreadable: read just the requested
+                # blocks, verified and uncached (EIO only if the damaged block is among them)
+                views.extend(self.read_mapped(ino, u * UNIT_BLOCKS + i0, u * UNIT_BLOCKS + i1,
+                                              lambda lb, pb, n: [self.load(pb, n, ino, lb)]))
+                continue
             views.append(memoryview(e.buf)[i0 * BS:i1 * BS])
         for u in range(u_last + 1, u_last + 1 + ahead):
             if (ino, u) not in self.entries and self.lookup(ino, u * UNIT_BLOCKS, (u + 1) * UNIT_BLOCKS):
+                try:
+                    self._unit(ino, u, counted=False)
+                except FsError:
+                    break                       # damage ahead fails only a read that asks for it
                 self.readahead_loads += 1
-                self._unit(ino, u, counted=False)
         return views
 
     def write(self, ino: int, lblock: int, pblock: int, data) -> None:
@@ -293,9 +321,11 @@ class InodeCache(_CacheBase):
 
     def drop_inode(self, ino: int, lblock: int, lend: int | None) -> None:
         if lend is None:
-            for key in [k for k in self.entries if k[0] == ino]:
+            u0 = lblock // UNIT_BLOCKS          # units wholly below lblock are still mapped as they were
+            for key in [k for k in self.entries if k[0] == ino and k[1] >= u0]:
                 self._drop(key)
-            self._last_end.pop(ino, None)
+            if lblock == 0:
+                self._last_end.pop(ino, None)
             return
         for u in range(lblock // UNIT_BLOCKS, (lend - 1) // UNIT_BLOCKS + 1):
             self._drop((ino, u))
