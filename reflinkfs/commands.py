@@ -117,7 +117,10 @@ def cmd_mount(args) -> int:
             if warning:
                 print(warning, file=sys.stderr)
             print(f"mounted {args.store} on {args.mountpoint}", file=sys.stderr)
-        return mount.run(opts, ready)
+        try:
+            return mount.run(opts, ready)
+        except RuntimeError as e:   # pyfuse3's way to say the mount failed; libfuse has printed why
+            raise StoreError(f"{args.mountpoint}: cannot mount: {e}") from None
 
     log_path = os.path.abspath(args.log or os.path.join(args.store, "log"))
     rfd, wfd = os.pipe()
@@ -139,8 +142,10 @@ def cmd_mount(args) -> int:
                 os.close(wfd)
             code = mount.run(opts, ready)
         except (StoreError, OSError, RuntimeError) as e:
+            # libfuse prints its reason (e.g. an unknown -o option) to the log, not into the exception
+            reason = str(e) if isinstance(e, StoreError) else f"{e} (details in {log_path})"
             try:
-                os.write(wfd, f"error {e}\n".encode())
+                os.write(wfd, f"error {reason}\n".encode())
             except OSError:
                 pass
             import logging
@@ -334,6 +339,10 @@ def cmd_clone(args) -> int:
     if os.path.isdir(args.src):
         if not args.recursive:
             raise StoreError(f"{args.src}: is a directory (use -r)")
+        # a destination inside the source would be scanned while it grows: nested copies until ENAMETOOLONG
+        real_src, real_dst = os.path.realpath(args.src), os.path.realpath(dst)
+        if real_dst == real_src or real_dst.startswith(real_src.rstrip(os.sep) + os.sep):
+            raise StoreError(f"{dst}: is inside {args.src}; cannot clone a directory into itself")
         if os.path.lexists(dst) and not args.force:
             raise StoreError(f"{dst}: exists (use --force to merge into it)")
         _clone_tree(args.src, dst, args.force)
