@@ -82,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"reflinkfs {args.cmd}: interrupted", file=sys.stderr)
         return 130
     except OSError as e:
-        name = f" {e.filename}" if e.filename else ""
+        name = f" {e.filename}:" if e.filename else ""
         print(f"reflinkfs {args.cmd}:{name} {e.strerror or e}", file=sys.stderr)
         return 1
 

@@ -327,8 +327,13 @@ class InodeCache(_CacheBase):
             if lblock == 0:
                 self._last_end.pop(ino, None)
             return
-        for u in range(lblock // UNIT_BLOCKS, (lend - 1) // UNIT_BLOCKS + 1):
-            self._drop((ino, u))
+        u0, u1 = lblock // UNIT_BLOCKS, (lend - 1) // UNIT_BLOCKS + 1
+        if u1 - u0 > len(self.entries):         # a huge range (a clone of GiBs): walk what is cached
+            for key in [k for k in self.entries if k[0] == ino and u0 <= k[1] < u1]:
+                self._drop(key)
+        else:
+            for u in range(u0, u1):
+                self._drop((ino, u))
 
     def drop_phys(self, pblock: int, nblocks: int) -> None:
         pass   # a freed block is unmapped from its file first, and that dropped the file's units
