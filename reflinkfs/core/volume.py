@@ -81,6 +81,8 @@ def _check_name(name: bytes) -> None:
 class Volume:
     """A store opened for use. Build with `Volume.open(store)`; always `close()`."""
 
+    _cow_only = False     # set while an operation runs that must not overwrite blocks in place (see _op)
+
     def __init__(self, store: str, db, data: DataFile, lock_fd: int, io_factory=None):
         self.store = store
         self.db = db
@@ -90,6 +92,7 @@ class Volume:
         self.io = (io_factory or UncachedIO)(data, self.space, lambda ino, s, e: ext.lookup(db, ino, s, e))
         self._in_txn = False
         self._open = collections.Counter()     # ino -> open handles (unlinked files live until 0)
+        self._lookups = collections.Counter()  # ino -> the kernel's lookup count under FUSE (same rule)
         self.last_commit = time.monotonic()
         self.commits = 0
         self._purge_orphans()
@@ -126,6 +129,9 @@ class Volume:
     def close(self) -> None:
         if self.db is None:
             return
+        self._open.clear()          # nothing outside can refer to an inode any more: free the unlinked ones
+        self._lookups.clear()
+        self._purge_orphans()
         self.commit()
         self.data.close()
         self.db.close()
@@ -145,10 +151,14 @@ class Volume:
             self._in_txn = True
 
     @contextmanager
-    def _op(self):
+    def _op(self, cow: bool = False):
+        """One operation, all or nothing. `cow`: the operation writes more than once and may fail after
+        a write (ENOSPC, EIO), so it must not overwrite blocks in place: a rollback restores the
+        checksums but could not restore overwritten bytes."""
         self._begin()
         self.db.execute("SAVEPOINT op")
         mark = len(self.space.pending)
+        outer_cow, self._cow_only = self._cow_only, self._cow_only or cow
         try:
             yield
         except BaseException:
@@ -156,14 +166,19 @@ class Volume:
             self.db.execute("RELEASE op")
             self.space.rollback_to(mark)
             raise
+        finally:
+            self._cow_only = outer_cow
         self.db.execute("RELEASE op")
 
     def commit(self) -> None:
         """Make everything done so far durable: data first, then the metadata that refers to it."""
         if not self._in_txn:
             return
+        try:
+            self.data.sync()
+        except OSError as e:   # the transaction stays open: nothing that refers to unsynced data commits
+            raise FsError(errno.EIO, f"cannot sync the data file: {e.strerror}; changes are not committed") from None
         self.space.on_commit()
-        self.data.sync()
         self.db.execute("COMMIT")
         self._in_txn = False
         self.space.after_commit()
@@ -347,7 +362,7 @@ class Volume:
 
     def _maybe_free(self, ino: int) -> None:
         a = self._row(ino)
-        if a.nlink > 0 or self._open[ino] > 0:
+        if a.nlink > 0 or self._open[ino] > 0 or self._lookups[ino] > 0:
             return
         self._free_inode(ino)
 
@@ -374,10 +389,32 @@ class Volume:
         self._open[ino] -= 1
         if self._open[ino] <= 0:
             del self._open[ino]
-            row = self.db.execute("SELECT nlink FROM inodes WHERE ino=?", (ino,)).fetchone()
-            if row is not None and row[0] == 0:
-                with self._op():
-                    self._free_inode(ino)
+            self._free_if_unreferenced(ino)
+
+    def looked_up(self, ino: int) -> None:
+        """The kernel was handed an entry for ino; FUSE counts these until it sends forget. An inode
+        unlinked (or renamed over) while the kernel still knows it must live on: an open() that resolved
+        the name just before a rename-over reaches us with the old inode, and must not get ENOENT."""
+        self._lookups[ino] += 1
+
+    def forget(self, ino: int, nlookup: int) -> None:
+        self._lookups[ino] -= nlookup
+        if self._lookups[ino] <= 0:
+            del self._lookups[ino]
+            self._free_if_unreferenced(ino)
+
+    def _free_if_unreferenced(self, ino: int) -> None:
+        if self._open[ino] > 0 or self._lookups[ino] > 0:
+            return
+        row = self.db.execute("SELECT nlink FROM inodes WHERE ino=?", (ino,)).fetchone()
+        if row is not None and row[0] == 0:
+            with self._op():
+                self._free_inode(ino)
+
+    def unlinked_unforgotten(self) -> int:
+        """Inodes already unlinked that only the kernel's lookup count keeps (their forget is on its way)."""
+        return sum(1 for (ino,) in self.db.execute("SELECT ino FROM inodes WHERE nlink=0")
+                   if self._lookups[ino] > 0 and self._open[ino] == 0)
 
     def _is_ancestor(self, anc: int, ino: int) -> bool:
         while ino != ROOT_INO:
@@ -580,7 +617,7 @@ class Volume:
             if lb > pos:
                 new.append((pos, lb - pos))
             for s, e, fresh in self.space.fresh.pieces(pb, pb + n):
-                if fresh:
+                if fresh and not self._cow_only:
                     in_place.append((lb + s - pb, s, e - s))
                 else:
                     new.append((lb + s - pb, e - s))
@@ -651,7 +688,7 @@ class Volume:
         """Deallocate [offset, offset+nbytes); it reads as zeros; the size does not change."""
         if offset < 0 or nbytes <= 0:
             raise FsError(errno.EINVAL)
-        with self._op():
+        with self._op(cow=True):
             a = self._reg(ino)
             self._zero_range(ino, a.size, offset, offset + nbytes)
             self._touch(ino)
@@ -687,7 +724,7 @@ class Volume:
             raise FsError(errno.EINVAL)
         if offset + nbytes > MAX_FILE_SIZE:
             raise FsError(errno.EFBIG)
-        with self._op():
+        with self._op(cow=True):
             a = self._reg(ino)
             self._zero_range(ino, a.size, offset, offset + nbytes)
             if not keep_size and offset + nbytes > a.size:
@@ -708,7 +745,7 @@ class Volume:
         return self._retry_enospc(self._clone_op, src, src_off, dst, dst_off, nbytes)
 
     def _clone_op(self, src: int, src_off: int, dst: int, dst_off: int, nbytes: int) -> int:
-        with self._op():
+        with self._op(cow=True):
             s_attr, d_attr = self._reg(src), self._reg(dst)
             n = max(0, min(nbytes, s_attr.size - src_off))
             if n == 0:

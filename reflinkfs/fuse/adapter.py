@@ -2,7 +2,12 @@
 
 It holds no filesystem logic. Every handler runs the core call to completion without an `await` in
 between, so requests never interleave inside the core (trio runs one task at a time); the only state
-here is the table of open file handles.
+here is the table of open file handles. (statfs, and a write that got ENOSPC right after a removal, may
+first wait a few milliseconds for the kernel's FORGETs: before or between core calls, never inside one.)
+
+Lookup counts: every entry handed to the kernel (lookup, create, mknod, mkdir, symlink, link, readdirplus)
+is counted by the core until the kernel's FORGET, and an unlinked inode is freed only when neither an open
+handle nor the kernel refers to it any more, as FUSE requires.
 
 An exception that is not an `FsError` is a bug: it is logged with its traceback and answered with EIO,
 because pyfuse3 would otherwise stop serving the whole mount.
@@ -18,8 +23,10 @@ import json
 import logging
 import os
 import stat
+import time
 
 import pyfuse3
+import trio
 
 from ..core.volume import Attr, Volume
 from ..errors import FsError
@@ -28,6 +35,8 @@ log = logging.getLogger("reflinkfs.fuse")
 
 ENTRY_TIMEOUT = 1.0
 ATTR_TIMEOUT = 1.0
+FORGET_WINDOW = 1.0     # seconds after a removal during which statfs/ENOSPC wait for the kernel's forgets
+FORGET_WAIT = 0.05      # ... and for at most this long
 
 # Virtual extended attributes: how tools and the `reflinkfs` commands see inside a mount. They are not
 # listed by listxattr (so `cp -a`/`tar --xattrs` never try to copy them) and cannot be set or removed,
@@ -81,6 +90,7 @@ class Operations(pyfuse3.Operations):
         self.status = status or (lambda: {})      # extra statistics from the composition root
         self._handles: dict[int, Handle] = {}
         self._next_fh = 1
+        self._removed_at = -FORGET_WINDOW      # monotonic time of the last unlink/rmdir/rename
 
     # -- helpers -------------------------------------------------------------------------------
     @staticmethod
@@ -103,6 +113,20 @@ class Operations(pyfuse3.Operations):
         e.st_ctime_ns = a.ctime_ns
         return e
 
+    def _ref(self, a: Attr) -> pyfuse3.EntryAttributes:
+        """An entry for the kernel, which counts it as a lookup until it sends forget (see Volume.looked_up)."""
+        self.vol.looked_up(a.ino)
+        return self.entry(a)
+
+    async def _let_forgets_in(self) -> None:
+        """A removed inode the kernel still knows is freed when its FORGET arrives, which the kernel may queue
+        behind a few requests. Right after a removal, before answering with space figures (statfs) or with
+        ENOSPC, give those forgets a moment (another pyfuse3 task reads them while this one sleeps). This
+        awaits only before or between core calls, never inside one."""
+        stop = min(self._removed_at + FORGET_WINDOW, time.monotonic() + FORGET_WAIT)
+        while time.monotonic() < stop and self.vol.unlinked_unforgotten():
+            await trio.sleep(0.001)
+
     def _new_handle(self, ino: int, flags: int, pid: int) -> int:
         fh = self._next_fh
         self._next_fh += 1
@@ -122,7 +146,7 @@ class Operations(pyfuse3.Operations):
     # -- namespace -----------------------------------------------------------------------------
     @_translate
     async def lookup(self, parent_inode, name, ctx=None):
-        return self.entry(self.vol.lookup(parent_inode, name))
+        return self._ref(self.vol.lookup(parent_inode, name))
 
     @_translate
     async def getattr(self, inode, ctx=None):
@@ -153,35 +177,39 @@ class Operations(pyfuse3.Operations):
 
     @_translate
     async def mknod(self, parent_inode, name, mode, rdev, ctx):
-        return self.entry(self.vol.mknod(parent_inode, name, mode, ctx.uid, ctx.gid, rdev))
+        return self._ref(self.vol.mknod(parent_inode, name, mode, ctx.uid, ctx.gid, rdev))
 
     @_translate
     async def mkdir(self, parent_inode, name, mode, ctx):
-        return self.entry(self.vol.mkdir(parent_inode, name, mode & ~ctx.umask, ctx.uid, ctx.gid))
+        return self._ref(self.vol.mkdir(parent_inode, name, mode & ~ctx.umask, ctx.uid, ctx.gid))
 
     @_translate
     async def unlink(self, parent_inode, name, ctx):
+        self._removed_at = time.monotonic()
         self.vol.unlink(parent_inode, name)
 
     @_translate
     async def rmdir(self, parent_inode, name, ctx):
+        self._removed_at = time.monotonic()
         self.vol.rmdir(parent_inode, name)
 
     @_translate
     async def symlink(self, parent_inode, name, target, ctx):
-        return self.entry(self.vol.symlink(parent_inode, name, target, ctx.uid, ctx.gid))
+        return self._ref(self.vol.symlink(parent_inode, name, target, ctx.uid, ctx.gid))
 
     @_translate
     async def rename(self, parent_inode_old, name_old, parent_inode_new, name_new, flags, ctx):
+        self._removed_at = time.monotonic()
         self.vol.rename(parent_inode_old, name_old, parent_inode_new, name_new, flags)
 
     @_translate
     async def link(self, inode, new_parent_inode, new_name, ctx):
-        return self.entry(self.vol.link(inode, new_parent_inode, new_name))
+        return self._ref(self.vol.link(inode, new_parent_inode, new_name))
 
     @_translate
     async def opendir(self, inode, ctx):
         self.vol.getattr(inode)
+        self.vol.opened(inode)     # a removed directory that is still open keeps its inode (fstat works)
         return inode
 
     @_translate
@@ -194,10 +222,12 @@ class Operations(pyfuse3.Operations):
             for dirent_id, name, a in rows:
                 if not pyfuse3.readdir_reply(token, name, self.entry(a), dirent_id):
                     return
+                self.vol.looked_up(a.ino)     # readdirplus: the kernel counts this entry as a lookup
                 after = dirent_id
 
+    @_translate
     async def releasedir(self, fh):
-        pass
+        self.vol.released(fh)
 
     @_translate
     async def fsyncdir(self, fh, datasync):
@@ -205,6 +235,7 @@ class Operations(pyfuse3.Operations):
 
     @_translate
     async def statfs(self, ctx):
+        await self._let_forgets_in()
         s = self.vol.statfs()
         st = pyfuse3.StatvfsData()
         st.f_bsize = s["block_size"]
@@ -231,6 +262,10 @@ class Operations(pyfuse3.Operations):
             self._clone_from(inode, value, ctx)
         elif name.startswith(VIRTUAL):
             raise FsError(errno.EPERM, "reflinkfs attributes are read-only")
+        elif name.startswith(b"system."):
+            # POSIX ACLs (system.posix_acl_*) are not implemented: storing them as plain bytes would
+            # report success while the mode stays unchanged (cp -a sets modes through an ACL)
+            raise FsError(errno.EOPNOTSUPP, "system.* attributes are not supported")
         else:
             self.vol.setxattr(inode, name, value)
 
@@ -291,12 +326,15 @@ class Operations(pyfuse3.Operations):
         a = self.vol.getattr(inode)
         if stat.S_ISDIR(a.mode):
             raise FsError(errno.EISDIR)
+        if flags & os.O_TRUNC and stat.S_ISREG(a.mode):
+            # libfuse 3 turns on atomic_o_trunc: the kernel passes O_TRUNC here instead of a setattr
+            self.vol.setattr(inode, size=0)
         return self._file_info(self._new_handle(inode, flags, ctx.pid))
 
     @_translate
     async def create(self, parent_inode, name, mode, flags, ctx):
         a = self.vol.create(parent_inode, name, mode & ~ctx.umask, ctx.uid, ctx.gid)
-        return self._file_info(self._new_handle(a.ino, flags, ctx.pid)), self.entry(a)
+        return self._file_info(self._new_handle(a.ino, flags, ctx.pid)), self._ref(a)
 
     @_translate
     async def read(self, fh, off, size):
@@ -305,9 +343,13 @@ class Operations(pyfuse3.Operations):
     @_translate
     async def write(self, fh, off, buf):
         h = self.handle(fh)
-        if h.append:
-            off = self.vol.getattr(h.ino).size
-        return self.vol.write(h.ino, off, buf)
+        try:
+            return self.vol.write(h.ino, self.vol.getattr(h.ino).size if h.append else off, buf)
+        except FsError as e:
+            if e.errno != errno.ENOSPC or time.monotonic() > self._removed_at + FORGET_WINDOW:
+                raise
+        await self._let_forgets_in()      # space that a removal just released may be a forget away
+        return self.vol.write(h.ino, self.vol.getattr(h.ino).size if h.append else off, buf)
 
     async def flush(self, fh):
         pass
@@ -324,4 +366,8 @@ class Operations(pyfuse3.Operations):
         self.vol.commit()
 
     async def forget(self, inode_list):
-        pass
+        for ino, nlookup in inode_list:
+            try:
+                self.vol.forget(ino, nlookup)
+            except Exception:      # forget must not raise: it answers no request
+                log.exception("internal error in forget(%d, %d)", ino, nlookup)

@@ -95,10 +95,14 @@ def run(opts: MountOptions, ready=None) -> int:
 
 async def _commit_loop(volume, interval: float) -> None:
     import trio
+    from ..errors import FsError
     while True:
         await trio.sleep(interval)
         if volume.dirty:
-            volume.commit()
+            try:
+                volume.commit()
+            except FsError as e:      # e.g. the backing disk failed a sync: keep serving, try again later
+                log.error("periodic commit failed: %s", e.message)
 
 
 async def _signals(nursery) -> None:
