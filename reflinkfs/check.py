@@ -19,6 +19,7 @@ import xxhash
 
 from .meta import schema
 from .meta.schema import BLOCK_SIZE, ROOT_INO
+from .core.intervals import coverage as _coverage
 from .core.space import to_signed64
 
 BS = BLOCK_SIZE
@@ -33,28 +34,6 @@ class Report:
     @property
     def clean(self) -> bool:
         return not self.findings
-
-
-def _coverage(runs) -> list[tuple[int, int, int]]:
-    """Piecewise-constant count of (start, n[, weight]) runs: [(start, end, count)] for count > 0, merged."""
-    events: dict[int, int] = {}
-    for r in runs:
-        s, n = r[0], r[1]
-        w = r[2] if len(r) > 2 else 1
-        events[s] = events.get(s, 0) + w
-        events[s + n] = events.get(s + n, 0) - w
-    out: list[tuple[int, int, int]] = []
-    cur = 0
-    keys = sorted(events)
-    for i, k in enumerate(keys):
-        cur += events[k]
-        if cur and i + 1 < len(keys):
-            nk = keys[i + 1]
-            if out and out[-1][1] == k and out[-1][2] == cur:
-                out[-1] = (out[-1][0], nk, cur)
-            else:
-                out.append((k, nk, cur))
-    return out
 
 
 def _diff(a: list[tuple[int, int, int]], b: list[tuple[int, int, int]]):

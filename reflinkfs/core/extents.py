@@ -19,12 +19,18 @@ def lookup(db: sqlite3.Connection, ino: int, start: int, end: int) -> list[Exten
                       "ORDER BY lblock DESC LIMIT 1", (ino, start)).fetchall()
     rows += db.execute("SELECT lblock, pblock, nblocks FROM extents WHERE ino=? AND lblock>? AND lblock<? "
                        "ORDER BY lblock", (ino, start, end)).fetchall()
-    out = []
-    for lb, pb, n in rows:
-        lo, hi = max(lb, start), min(lb + n, end)
-        if lo < hi:
-            out.append((lo, pb + (lo - lb), hi - lo))
-    return out
+    # only the first and the last row can stick out of [start, end)
+    while rows and rows[0][0] + rows[0][2] <= start:
+        rows.pop(0)
+    if not rows:
+        return rows
+    lb, pb, n = rows[0]
+    if lb < start:
+        rows[0] = (start, pb + start - lb, lb + n - start)
+    lb, pb, n = rows[-1]
+    if lb + n > end:
+        rows[-1] = (lb, pb, end - lb)
+    return rows
 
 
 def all_extents(db: sqlite3.Connection, ino: int) -> list[Extent]:
@@ -68,3 +74,24 @@ def map_run(db: sqlite3.Connection, ino: int, lblock: int, pblock: int, nblocks:
         db.execute("INSERT INTO extents(ino, lblock, pblock, nblocks) VALUES (?, ?, ?, ?)",
                    (ino, lblock, pblock, n))
     db.execute("UPDATE inodes SET blocks=blocks+? WHERE ino=?", (nblocks, ino))
+
+
+def map_runs(db: sqlite3.Connection, ino: int, runs: list[Extent]) -> None:
+    """Map many sorted, non-overlapping runs into an unmapped logical range at once (a clone)."""
+    if not runs:
+        return
+    merged: list[list[int]] = []
+    for lb, pb, n in runs:
+        if merged and merged[-1][0] + merged[-1][2] == lb and merged[-1][1] + merged[-1][2] == pb:
+            merged[-1][2] += n
+        else:
+            merged.append([lb, pb, n])
+    first, last = merged[0], merged[-1]
+    if len(merged) == 1:
+        map_run(db, ino, *first)
+        return
+    map_run(db, ino, *first)          # merges with the neighbour before the range, if contiguous
+    db.executemany("INSERT INTO extents(ino, lblock, pblock, nblocks) VALUES (?, ?, ?, ?)",
+                   [(ino, lb, pb, n) for lb, pb, n in merged[1:-1]])
+    db.execute("UPDATE inodes SET blocks=blocks+? WHERE ino=?", (sum(m[2] for m in merged[1:-1]), ino))
+    map_run(db, ino, *last)           # ... and with the one after it

@@ -69,3 +69,38 @@ class IntervalSet:
 
     def __iter__(self):
         return iter(zip(self._starts, self._ends))
+
+
+def coverage(runs) -> list[tuple[int, int, int]]:
+    """How many of the (start, n[, weight]) runs cover each point: [(start, end, count)] for count != 0,
+    sorted, adjacent pieces of equal count merged."""
+    out: list[tuple[int, int, int]] = []
+    prev_end = None
+    for r in runs:                      # fast path: sorted, disjoint, unweighted (a file's extents)
+        if len(r) > 2 or (prev_end is not None and r[0] < prev_end):
+            break
+        if out and out[-1][1] == r[0]:
+            out[-1] = (out[-1][0], r[0] + r[1], 1)
+        elif r[1] > 0:
+            out.append((r[0], r[0] + r[1], 1))
+        prev_end = r[0] + r[1]
+    else:
+        return out
+    events: dict[int, int] = {}
+    for r in runs:
+        s, n = r[0], r[1]
+        w = r[2] if len(r) > 2 else 1
+        events[s] = events.get(s, 0) + w
+        events[s + n] = events.get(s + n, 0) - w
+    out = []
+    cur = 0
+    keys = sorted(events)
+    for i, k in enumerate(keys):
+        cur += events[k]
+        if cur and i + 1 < len(keys):
+            nk = keys[i + 1]
+            if out and out[-1][1] == k and out[-1][2] == cur:
+                out[-1] = (out[-1][0], nk, cur)
+            else:
+                out.append((k, nk, cur))
+    return out

@@ -20,9 +20,10 @@ import sqlite3
 
 from ..errors import FsError
 from ..meta.schema import get_meta, set_meta
-from .intervals import IntervalSet
+from .intervals import IntervalSet, coverage
 
 Run = tuple[int, int]  # (pblock, nblocks)
+SPAN_GAP = 1024         # runs closer than this many blocks are adjusted as one span
 
 
 def to_signed64(x: int) -> int:
@@ -49,32 +50,110 @@ class Space:
             self.db.execute("INSERT INTO refs(pblock, nblocks, refcount) VALUES (?, ?, ?)",
                             (pblock, start + n - pblock, rc))
 
-    def _runs_in(self, pblock: int, nblocks: int) -> list[tuple[int, int, int]]:
-        self._split_at(pblock)
-        self._split_at(pblock + nblocks)
-        rows = self.db.execute("SELECT pblock, nblocks, refcount FROM refs WHERE pblock >= ? AND "
-                               "pblock < ? ORDER BY pblock", (pblock, pblock + nblocks)).fetchall()
-        covered = sum(r[1] for r in rows)
-        if covered != nblocks:
-            raise FsError(errno.EIO, f"store damaged: physical blocks {pblock}+{nblocks} are not all "
-                                     f"in use (run fsck)")
-        return rows
-
     def incref(self, pblock: int, nblocks: int) -> None:
-        for start, n, rc in self._runs_in(pblock, nblocks):
-            self.db.execute("UPDATE refs SET refcount=? WHERE pblock=?", (rc + 1, start))
-        self.fresh.remove(pblock, pblock + nblocks)
+        self.adjust([(pblock, nblocks)], +1)
 
     def decref(self, pblock: int, nblocks: int) -> None:
-        for start, n, rc in self._runs_in(pblock, nblocks):
-            if rc > 1:
-                self.db.execute("UPDATE refs SET refcount=? WHERE pblock=?", (rc - 1, start))
-            else:
-                self.db.execute("DELETE FROM refs WHERE pblock=?", (start,))
-                self.db.execute("DELETE FROM csums WHERE pblock >= ? AND pblock < ?", (start, start + n))
-                self.fresh.remove(start, start + n)
-                self.pending.append((start, n))
-                self._on_release(start, n)
+        self.adjust([(pblock, nblocks)], -1)
+
+    def adjust(self, runs, delta: int) -> None:
+        """Add delta (+1 or -1) to the refcount of every block of `runs` (which may overlap: a block in
+        k runs changes by k * delta). Runs close together are handled as one span, with one scan of
+        `refs` and one rewrite of it, so cloning or freeing a file of many extents costs a few
+        statements per span instead of several per extent."""
+        pieces = coverage(runs)
+        i = 0
+        while i < len(pieces):
+            j = i
+            while j + 1 < len(pieces) and pieces[j + 1][0] - pieces[j][1] <= SPAN_GAP:
+                j += 1
+            self._adjust_span(pieces[i:j + 1], delta)
+            i = j + 1
+
+    def _adjust_whole_rows(self, rows, pieces, lo: int, hi: int, delta: int) -> bool:
+        """The common case — each used run of the span lies inside one piece of count 1, and the pieces
+        are all in use — in two statements for the whole span. False if the case does not apply."""
+        k = covered = 0
+        npieces = len(pieces)
+        freed: list[Run] = []
+        ps, pe, pc = pieces[0]
+        for start, n, rc in rows:
+            while pe <= start:
+                k += 1
+                if k == npieces:
+                    return False
+                ps, pe, pc = pieces[k]
+            if ps > start or start + n > pe or pc != 1:
+                return False
+            covered += n
+            if rc + delta == 0:
+                freed.append((start, n))
+        if covered != sum(e - s for s, e, _ in pieces):
+            return False          # some block is not in use: the general path reports the damage
+        if freed:
+            self.db.execute("DELETE FROM refs WHERE pblock >= ? AND pblock < ? AND refcount = 1", (lo, hi))
+        self.db.execute("UPDATE refs SET refcount = refcount + ? WHERE pblock >= ? AND pblock < ?", (delta, lo, hi))
+        self._after_adjust(freed, lo, hi)
+        return True
+
+    def _adjust_span(self, pieces: list[tuple[int, int, int]], delta: int) -> None:
+        lo, hi = pieces[0][0], pieces[-1][1]
+        self._split_at(lo)
+        self._split_at(hi)
+        rows = self.db.execute("SELECT pblock, nblocks, refcount FROM refs WHERE pblock >= ? AND pblock < ? "
+                               "ORDER BY pblock", (lo, hi)).fetchall()
+        if self._adjust_whole_rows(rows, pieces, lo, hi, delta):
+            return
+        # every block to adjust must be in use: walk the used rows and the pieces together
+        out: list[list[int]] = []     # new rows [start, n, refcount], adjacent equal counts merged
+        freed: list[Run] = []
+        k = 0
+        covered = 0
+        for start, n, rc in rows:
+            end = start + n
+            pos = start
+            while k < len(pieces) and pieces[k][1] <= pos:
+                k += 1
+            kk = k
+            while pos < end:
+                if kk < len(pieces) and pieces[kk][0] < end:
+                    s, e, c = pieces[kk]
+                    if s > pos:
+                        _append_run(out, pos, s - pos, rc)
+                        pos = s
+                        continue
+                    e2 = min(e, end)
+                    new = rc + delta * c
+                    covered += e2 - pos
+                    if new > 0:
+                        _append_run(out, pos, e2 - pos, new)
+                    elif new == 0:
+                        freed.append((pos, e2 - pos))
+                    else:
+                        raise FsError(errno.EIO, f"store damaged: refcount of physical block {pos} would go "
+                                                 f"below zero (run fsck)")
+                    pos = e2
+                    if e <= end:
+                        kk += 1
+                else:
+                    _append_run(out, pos, end - pos, rc)
+                    pos = end
+        if covered != sum(e - s for s, e, _ in pieces):
+            raise FsError(errno.EIO, f"store damaged: physical blocks in {lo}..{hi - 1} are mapped but not "
+                                     f"marked in use (run fsck)")
+        self.db.execute("DELETE FROM refs WHERE pblock >= ? AND pblock < ?", (lo, hi))
+        self.db.executemany("INSERT INTO refs(pblock, nblocks, refcount) VALUES (?, ?, ?)", out)
+        self._after_adjust(freed, lo, hi)
+
+    def _after_adjust(self, freed: list[Run], lo: int, hi: int) -> None:
+        for start, n in _coalesce(freed):
+            self.db.execute("DELETE FROM csums WHERE pblock >= ? AND pblock < ?", (start, start + n))
+            self.pending.append((start, n))
+            self._on_release(start, n)
+        if len(self.fresh):
+            # shared now, or freed: either way not to be overwritten in place (the gaps of the span
+            # lose their freshness too; that only means copy-on-write for them, never a wrong write)
+            self.fresh.remove(lo, hi)
 
     def refcount(self, pblock: int) -> int:
         row = self.db.execute("SELECT pblock, nblocks, refcount FROM refs WHERE pblock <= ? "
@@ -204,3 +283,10 @@ def _coalesce(runs: list[Run]) -> list[Run]:
         else:
             out.append((s, n))
     return out
+
+
+def _append_run(out: list[list[int]], start: int, n: int, rc: int) -> None:
+    if out and out[-1][0] + out[-1][1] == start and out[-1][2] == rc:
+        out[-1][1] += n
+    else:
+        out.append([start, n, rc])

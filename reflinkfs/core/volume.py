@@ -199,6 +199,11 @@ class Volume:
         self.commit()
         return fn(*args)
 
+    def _release(self, unmapped) -> None:
+        """Drop one reference from each physical run of the extents just unmapped."""
+        if unmapped:
+            self.space.adjust([(pb, n) for _, pb, n in unmapped], -1)
+
     def _released(self, pblock: int, nblocks: int) -> None:
         self.io.drop_phys(pblock, nblocks)
 
@@ -367,8 +372,7 @@ class Volume:
         self._free_inode(ino)
 
     def _free_inode(self, ino: int) -> None:
-        for lb, pb, n in ext.unmap(self.db, ino, 0, END):
-            self.space.decref(pb, n)
+        self._release(ext.unmap(self.db, ino, 0, END))
         self.io.drop_inode(ino, 0, None)
         self.db.execute("DELETE FROM xattrs WHERE ino=?", (ino,))
         self.db.execute("DELETE FROM inodes WHERE ino=?", (ino,))
@@ -630,8 +634,7 @@ class Volume:
             runs = self.space.alloc(need)
             self.data.ensure_size(self.space.data_blocks)
             for lb, n in new:
-                for _, pb, m in ext.unmap(self.db, ino, lb, lb + n):
-                    self.space.decref(pb, m)
+                self._release(ext.unmap(self.db, ino, lb, lb + n))
             self.io.drop_inode(ino, lblock, end)
             # hand out the allocated runs to the new pieces, in order
             ri, roff = 0, 0
@@ -661,8 +664,7 @@ class Volume:
         if start < b0 * BS and ext.lookup(self.db, ino, b0 - 1, b0):
             self._write_range(ino, start, bytes(b0 * BS - start))
         if b0 < b1:
-            for _, pb, n in ext.unmap(self.db, ino, b0, b1):
-                self.space.decref(pb, n)
+            self._release(ext.unmap(self.db, ino, b0, b1))
             self.io.drop_inode(ino, b0, b1)
         if end > b1 * BS and ext.lookup(self.db, ino, b1, b1 + 1):
             self._write_range(ino, b1 * BS, bytes(end - b1 * BS))
@@ -674,8 +676,7 @@ class Volume:
             raise FsError(errno.EFBIG)
         if new_size < old_size:
             keep = _ceil_div(new_size, BS)
-            for _, pb, n in ext.unmap(self.db, ino, keep, END):
-                self.space.decref(pb, n)
+            self._release(ext.unmap(self.db, ino, keep, END))
             self.io.drop_inode(ino, keep, None)
             if new_size % BS:
                 self._zero_range(ino, keep * BS, new_size, keep * BS)
@@ -801,13 +802,10 @@ class Volume:
     def _share(self, src: int, sb: int, se: int, dst: int, db_: int) -> None:
         shift = db_ - sb
         runs = ext.lookup(self.db, src, sb, se)
-        for _, pb, n in runs:
-            self.space.incref(pb, n)
-        for _, pb, n in ext.unmap(self.db, dst, db_, db_ + (se - sb)):
-            self.space.decref(pb, n)
+        self.space.adjust([(pb, n) for _, pb, n in runs], +1)
+        self._release(ext.unmap(self.db, dst, db_, db_ + (se - sb)))
         self.io.drop_inode(dst, db_, db_ + (se - sb))
-        for lb, pb, n in runs:
-            ext.map_run(self.db, dst, lb + shift, pb, n)
+        ext.map_runs(self.db, dst, [(lb + shift, pb, n) for lb, pb, n in runs])
 
     # -- inspection ----------------------------------------------------------------------------
     def extent_map(self, ino: int) -> list[tuple[int, int, int, int]]:
