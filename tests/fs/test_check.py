@@ -106,6 +106,7 @@ def test_leaked_refs_run(pop):
     assert any(f.startswith(f"checksum: used physical blocks {top}-{top + 1} have no checksum") for f in findings)
     assert f"data file: holds {top} blocks but the metadata uses {top + 2}" in findings
     rep = fsck(s, repair_=True)
+    assert "rebuilt refcounts and free space from the extent maps" in rep.repaired
     after = fsck(s)
     # the leak is repaired; the data file stays shorter than the high-water mark until the next mount
     assert not any("refcount" in f or "checksum" in f for f in after.findings)
