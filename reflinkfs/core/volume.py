@@ -18,6 +18,7 @@ Callers pass names as bytes, times in nanoseconds, offsets in bytes; `log_*`/`lb
 """
 from __future__ import annotations
 
+import bisect
 import collections
 import errno
 import fcntl
@@ -78,6 +79,74 @@ def _check_name(name: bytes) -> None:
         raise FsError(errno.EINVAL, f"invalid name {name!r}")
 
 
+class ReadMemo:
+    """What reads need from the database — a file's attributes and extents — remembered between
+    changes, so a read served from the cache costs no SQL.
+
+    Valid only while nothing changes: every operation that changes the store clears it on entry and on
+    exit (`_op`), and inside an operation lookups go to the database. A file's extents are remembered
+    whole when it has at most FULL_MAP extents, else as the window last looked up."""
+    FULL_MAP = 256
+    WINDOW = 1024          # blocks looked up ahead for a file with many extents
+
+    def __init__(self, db):
+        self.db = db
+        self.depth = 0
+        self._attrs: dict[int, Attr] = {}
+        self._maps: dict[int, tuple[int, int, list]] = {}   # ino -> (lstart, lend, extents within)
+
+    def enter_op(self) -> None:
+        self.depth += 1
+        self._attrs.clear()
+        self._maps.clear()
+
+    def leave_op(self) -> None:
+        self.depth -= 1
+        self._attrs.clear()
+        self._maps.clear()
+
+    def attr(self, ino: int) -> Attr | None:
+        return self._attrs.get(ino)
+
+    def keep_attr(self, a: Attr) -> Attr:
+        if not self.depth:
+            if len(self._attrs) > 4096:
+                self._attrs.clear()
+            self._attrs[a.ino] = a
+        return a
+
+    def lookup(self, ino: int, start: int, end: int) -> list:
+        if self.depth:
+            return ext.lookup(self.db, ino, start, end)
+        m = self._maps.get(ino)
+        if m is None or not (m[0] <= start and end <= m[1]):
+            rows = self.db.execute("SELECT lblock, pblock, nblocks FROM extents WHERE ino=? ORDER BY lblock "
+                                   "LIMIT ?", (ino, self.FULL_MAP + 1)).fetchall()
+            if len(rows) <= self.FULL_MAP:
+                m = (0, END, rows)
+            else:
+                hi = max(end, start + self.WINDOW)
+                m = (start, hi, ext.lookup(self.db, ino, start, hi))
+            if len(self._maps) > 4096:
+                self._maps.clear()
+            self._maps[ino] = m
+        return _clip(m[2], start, end)
+
+
+def _clip(extents: list, start: int, end: int) -> list:
+    """The extents overlapping [start, end), clipped to it (extents sorted by lblock)."""
+    i = bisect.bisect_right(extents, (start, END)) - 1
+    if i < 0 or extents[i][0] + extents[i][2] <= start:
+        i += 1
+    out = []
+    while i < len(extents) and extents[i][0] < end:
+        lb, pb, n = extents[i]
+        lo, hi = max(lb, start), min(lb + n, end)
+        out.append((lo, pb + lo - lb, hi - lo))
+        i += 1
+    return out
+
+
 class Volume:
     """A store opened for use. Build with `Volume.open(store)`; always `close()`."""
 
@@ -89,7 +158,8 @@ class Volume:
         self.data = data
         self._lock_fd = lock_fd
         self.space = Space(db, on_release=self._released)
-        self.io = (io_factory or UncachedIO)(data, self.space, lambda ino, s, e: ext.lookup(db, ino, s, e))
+        self._memo = ReadMemo(db)
+        self.io = (io_factory or UncachedIO)(data, self.space, self._memo.lookup)
         self._in_txn = False
         self._open = collections.Counter()     # ino -> open handles (unlinked files live until 0)
         self._lookups = collections.Counter()  # ino -> the kernel's lookup count under FUSE (same rule)
@@ -156,6 +226,7 @@ class Volume:
         a write (ENOSPC, EIO), so it must not overwrite blocks in place: a rollback restores the
         checksums but could not restore overwritten bytes."""
         self._begin()
+        self._memo.enter_op()
         self.db.execute("SAVEPOINT op")
         mark = len(self.space.pending)
         outer_cow, self._cow_only = self._cow_only, self._cow_only or cow
@@ -168,6 +239,7 @@ class Volume:
             raise
         finally:
             self._cow_only = outer_cow
+            self._memo.leave_op()
         self.db.execute("RELEASE op")
 
     def commit(self) -> None:
@@ -565,7 +637,7 @@ class Volume:
         return self.io.read_blocks(ino, start, end)
 
     def read(self, ino: int, offset: int, nbytes: int) -> bytes:
-        a = self._reg(ino)
+        a = self._memo.attr(ino) or self._memo.keep_attr(self._reg(ino))
         end = min(a.size, offset + nbytes)
         if offset >= end:
             return b""
