@@ -133,13 +133,22 @@ class _CacheBase(UncachedIO):
 
     def _put(self, key, entry: Entry) -> None:
         self.entries[key] = entry
+        self._indexed(key)
         for victim in self.policy.insert(key):
             if self.entries.pop(victim, None) is not None:
                 self.evictions += 1
+                self._unindexed(victim)
 
     def _drop(self, key) -> None:
         if self.entries.pop(key, None) is not None:
             self.policy.remove(key)
+            self._unindexed(key)
+
+    def _indexed(self, key) -> None:
+        """A unit became resident (a subclass may index it)."""
+
+    def _unindexed(self, key) -> None:
+        """A unit left the cache."""
 
     def _sequential(self, ino: int, lstart: int, lend: int) -> bool:
         seq = self._last_end.get(ino) == lstart
@@ -272,6 +281,10 @@ class InodeCache(_CacheBase):
     """Keyed by (inode, logical unit): what a per-inode page cache does. Shared data is cached per file."""
     name = "inode"
 
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._units: dict[int, set[int]] = {}     # ino -> its cached units, so dropping a file is O(its units)
+
     def _unit(self, ino: int, u: int, counted: bool = True) -> Entry:
         key = (ino, u)
         e = self._get(key, counted)
@@ -319,21 +332,25 @@ class InodeCache(_CacheBase):
         super().write(ino, lblock, pblock, data)
         self.drop_inode(ino, lblock, lblock + len(data) // BS)
 
+    def _indexed(self, key) -> None:
+        self._units.setdefault(key[0], set()).add(key[1])
+
+    def _unindexed(self, key) -> None:
+        units = self._units[key[0]]
+        units.discard(key[1])
+        if not units:
+            del self._units[key[0]]
+
     def drop_inode(self, ino: int, lblock: int, lend: int | None) -> None:
-        if lend is None:
-            u0 = lblock // UNIT_BLOCKS          # units wholly below lblock are still mapped as they were
-            for key in [k for k in self.entries if k[0] == ino and k[1] >= u0]:
-                self._drop(key)
-            if lblock == 0:
-                self._last_end.pop(ino, None)
+        if lend is None and lblock == 0:
+            self._last_end.pop(ino, None)
+        units = self._units.get(ino)
+        if not units:
             return
-        u0, u1 = lblock // UNIT_BLOCKS, (lend - 1) // UNIT_BLOCKS + 1
-        if u1 - u0 > len(self.entries):         # a huge range (a clone of GiBs): walk what is cached
-            for key in [k for k in self.entries if k[0] == ino and u0 <= k[1] < u1]:
-                self._drop(key)
-        else:
-            for u in range(u0, u1):
-                self._drop((ino, u))
+        u0 = lblock // UNIT_BLOCKS             # units wholly below lblock are still mapped as they were
+        u1 = (lend - 1) // UNIT_BLOCKS + 1 if lend is not None else None
+        for u in [u for u in units if u >= u0 and (u1 is None or u < u1)]:
+            self._drop((ino, u))
 
     def drop_phys(self, pblock: int, nblocks: int) -> None:
         pass   # a freed block is unmapped from its file first, and that dropped the file's units
