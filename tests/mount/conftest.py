@@ -60,3 +60,21 @@ def mounts(request, tmp_path):
     yield f
     rep = getattr(request.node, "rep_call", None)
     f.finish(failed=rep is None or rep.failed)
+
+
+@pytest.fixture(scope="session")
+def public_pythonpath():
+    """A copy of the reflinkfs package that any user can import: tests that run commands as a second,
+    unprivileged user need it, because the checkout may live in a directory only root can enter."""
+    import shutil
+    import tempfile
+    from pathlib import Path
+    d = Path(tempfile.mkdtemp(prefix="reflinkfs-public-"))
+    try:
+        src = Path(__file__).resolve().parents[2] / "reflinkfs"
+        shutil.copytree(src, d / "reflinkfs", ignore=shutil.ignore_patterns("__pycache__", "*.so", "*.c"))
+        for path in [d, *d.rglob("*")]:
+            path.chmod(0o755 if path.is_dir() else 0o644)
+        yield str(d)
+    finally:
+        shutil.rmtree(d, ignore_errors=True)

@@ -207,10 +207,13 @@ def shared_dir():
     shutil.rmtree(d, ignore_errors=True)
 
 
+_PYTHONPATH = [str(REPO)]
+
+
 def _as_user(pw, *argv) -> subprocess.CompletedProcess:
     return subprocess.run(["setpriv", f"--reuid={pw.pw_uid}", f"--regid={pw.pw_gid}", "--clear-groups", *argv],
                           capture_output=True, text=True, timeout=60, cwd="/",
-                          env={"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "PYTHONPATH": str(REPO),
+                          env={"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "PYTHONPATH": _PYTHONPATH[0],
                                "LC_ALL": "C.UTF-8"})
 
 
@@ -220,10 +223,11 @@ def _user_python(pw) -> str:
         r = _as_user(pw, py, "-c", "import reflinkfs.commands")
         if r.returncode == 0:
             return py
-    pytest.skip("no Python interpreter that the unprivileged user can run reflinkfs with")
+    pytest.fail("no Python interpreter that the unprivileged user can run reflinkfs with")
 
 
-def test_clone_needs_read_permission_on_the_source(test_user, shared_dir, mounts):
+def test_clone_needs_read_permission_on_the_source(test_user, shared_dir, mounts, public_pythonpath):
+    _PYTHONPATH[0] = public_pythonpath
     m = mounts.mount(mounts.store(), shared_dir / "mnt", options=["-o", "allow_other"])
     os.chmod(m.mnt, 0o755)
     secret = m.path("secret")

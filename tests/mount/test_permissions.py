@@ -164,7 +164,7 @@ def test_no_access_without_allow_other(public, mounts, other):
     assert (m.mnt / "f").read_bytes() == b"x"             # the owner of the mount still can
 
 
-def test_modes_are_enforced_for_another_user(public, mounts, other):
+def test_modes_are_enforced_for_another_user(public, mounts, other, public_pythonpath):
     uid, gid, _ = other
     m = mounts.mount(mounts.store(), public / "mnt", options=["-o", "allow_other"])
     mnt = m.mnt
@@ -189,14 +189,14 @@ def test_modes_are_enforced_for_another_user(public, mounts, other):
     assert probe(other, "clone-xattr", mnt / "pub" / "mine", mnt / "secret") == "ERR EACCES"
     assert probe(other, "clone-xattr", mnt / "ro", mnt / "pub" / "mine") == "ERR EACCES"
     cli = [other[2], "-c", "import sys; from reflinkfs.cli import main; sys.exit(main(sys.argv[1:]))"]
-    env = {"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8", "PYTHONPATH": str(REPO)}
-    if probe(other, "stat", REPO / "reflinkfs" / "cli.py") == "OK":
-        r = as_other(other, *cli, "clone", mnt / "secret", mnt / "pub" / "stolen", env=env)
-        assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr
-        assert "Permission denied" in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
-        assert not (mnt / "pub" / "stolen").exists()
-        r = as_other(other, *cli, "clone", "--force", mnt / "pub" / "mine", mnt / "ro", env=env)
-        assert r.returncode == 1 and "Permission denied" in r.stderr, r.stderr
+    env = {"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8", "PYTHONPATH": public_pythonpath}
+    assert probe(other, "stat", Path(public_pythonpath) / "reflinkfs" / "cli.py") == "OK"
+    r = as_other(other, *cli, "clone", mnt / "secret", mnt / "pub" / "stolen", env=env)
+    assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr
+    assert "Permission denied" in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert not (mnt / "pub" / "stolen").exists()
+    r = as_other(other, *cli, "clone", "--force", mnt / "pub" / "mine", mnt / "ro", env=env)
+    assert r.returncode == 1 and "Permission denied" in r.stderr, r.stderr
     assert (mnt / "secret").read_bytes() == secret
     assert (mnt / "ro").read_bytes() == ro
     assert (mnt / "pub" / "mine").read_bytes() == b"mine"
