@@ -77,6 +77,36 @@ def reflinkfs_mounts() -> dict[str, str]:
     return found
 
 
+def is_mounted(path) -> bool:
+    """Whether something is mounted on path; reads /proc/self/mountinfo, which never blocks on a wedged
+    FUSE daemon (unlike stat or os.path.ismount)."""
+    target = os.path.realpath(path)
+    with open("/proc/self/mountinfo") as f:
+        return any(_unescape(line.split()[4]) == target for line in f)
+
+
+def lock_holders(store) -> list[int]:
+    """Pids of the processes that have STORE/lock open: the daemon of a mounted store."""
+    from .meta.schema import LOCK_NAME
+    lock = os.path.realpath(os.path.join(store, LOCK_NAME))
+    pids = []
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit() or int(pid) == os.getpid():
+            continue
+        try:
+            fds = os.listdir(f"/proc/{pid}/fd")
+        except OSError:
+            continue
+        for fd in fds:
+            try:
+                if os.readlink(f"/proc/{pid}/fd/{fd}") == lock:
+                    pids.append(int(pid))
+                    break
+            except OSError:
+                continue
+    return pids
+
+
 def store_of(mountpoint: str) -> str:
     mnt = os.path.realpath(mountpoint)
     try:

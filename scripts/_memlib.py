@@ -32,6 +32,8 @@ import subprocess
 import sys
 import time
 
+from reflinkfs.commands import is_mounted, lock_holders
+
 PAGE = os.sysconf("SC_PAGE_SIZE")
 MiB = 1 << 20
 _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
@@ -148,38 +150,8 @@ def drop_caches() -> str | None:
     return None
 
 
-def lock_holders(store) -> list[int]:
-    """Pids of processes holding STORE/lock open: the daemon of a mounted store."""
-    lock = os.path.realpath(os.path.join(store, "lock"))
-    pids = []
-    for pid in os.listdir("/proc"):
-        if not pid.isdigit() or int(pid) == os.getpid():
-            continue
-        try:
-            fds = os.listdir(f"/proc/{pid}/fd")
-        except OSError:
-            continue
-        for fd in fds:
-            try:
-                if os.readlink(f"/proc/{pid}/fd/{fd}") == lock:
-                    pids.append(int(pid))
-                    break
-            except OSError:
-                continue
-    return pids
 
 
-def is_mounted(path) -> bool:
-    """From /proc/self/mountinfo, which never blocks on a wedged FUSE daemon (unlike stat)."""
-    target = os.path.realpath(path)
-    with open("/proc/self/mountinfo") as f:
-        for line in f:
-            mnt = line.split()[4]
-            if "\\" in mnt:
-                mnt = mnt.encode().decode("unicode_escape")
-            if mnt == target:
-                return True
-    return False
 
 
 def reflinkfs_cli() -> list[str]:

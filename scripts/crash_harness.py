@@ -50,6 +50,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from reflinkfs.commands import is_mounted, lock_holders
+
 BS = 4096
 MAGIC = b"RLFSCRSH"
 DIRS = ("d0", "d1")
@@ -536,28 +538,8 @@ def cli_cmd(*args) -> list[str]:
     return base + [str(a) for a in args]
 
 
-def is_mounted(path) -> bool:
-    target = os.path.realpath(path)
-    with open("/proc/self/mountinfo") as f:
-        return any(line.split()[4] == target for line in f)
 
 
-def lock_holders(store) -> list[int]:
-    """Pids of processes holding STORE/lock open: the daemon of a mounted store."""
-    lock = os.path.realpath(os.path.join(store, "lock"))
-    pids = []
-    for pid in filter(str.isdigit, os.listdir("/proc")):
-        if int(pid) == os.getpid():
-            continue
-        try:
-            for fd in os.listdir(f"/proc/{pid}/fd"):
-                with contextlib.suppress(OSError):
-                    if os.readlink(f"/proc/{pid}/fd/{fd}") == lock:
-                        pids.append(int(pid))
-                        break
-        except OSError:
-            continue
-    return pids
 
 
 def lock_free(store) -> bool:

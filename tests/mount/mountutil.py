@@ -27,6 +27,8 @@ from pathlib import Path
 
 import pytest
 
+from reflinkfs.commands import is_mounted, lock_holders
+
 MOUNT_TIMEOUT = 30.0
 UMOUNT_TIMEOUT = 60.0
 BAD_LOG_WORDS = ("Traceback", "internal error")
@@ -76,37 +78,9 @@ def need_fuse() -> None:
         pytest.skip(reason)
 
 
-def _unescape(field: str) -> str:
-    return field.encode().decode("unicode_escape") if "\\" in field else field
 
 
-def is_mounted(path) -> bool:
-    """Whether something is mounted on `path`; reads /proc/self/mountinfo, which never blocks on a
-    wedged FUSE daemon (unlike stat or os.path.ismount)."""
-    target = os.path.realpath(path)
-    with open("/proc/self/mountinfo") as f:
-        return any(_unescape(line.split()[4]) == target for line in f)
 
-
-def lock_holders(store) -> list[int]:
-    """Pids of the processes that have STORE/lock open (the daemon of a mounted store)."""
-    lock = os.path.realpath(os.path.join(store, "lock"))
-    pids = []
-    for pid in os.listdir("/proc"):
-        if not pid.isdigit() or int(pid) == os.getpid():
-            continue
-        try:
-            fds = os.listdir(f"/proc/{pid}/fd")
-        except OSError:
-            continue
-        for fd in fds:
-            try:
-                if os.readlink(f"/proc/{pid}/fd/{fd}") == lock:
-                    pids.append(int(pid))
-                    break
-            except OSError:
-                continue
-    return pids
 
 
 def pid_alive(pid: int) -> bool:
