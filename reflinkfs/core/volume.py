@@ -68,6 +68,9 @@ class Attr:
 _ATTR_COLS = "ino, mode, nlink, uid, gid, rdev, size, blocks, atime_ns, mtime_ns, ctime_ns"
 
 
+_JOINED_COLS = ", ".join("i." + c.strip() for c in _ATTR_COLS.split(","))
+
+
 def _ceil_div(a: int, b: int) -> int:
     return -(-a // b)
 
@@ -314,18 +317,22 @@ class Volume:
         return row[0] if row else None
 
     def lookup(self, parent: int, name: bytes) -> Attr:
-        self._dir(parent)
         if len(name) > MAX_NAME:
+            self._dir(parent)
             raise FsError(errno.ENAMETOOLONG)
         if name == b".":
-            return self._row(parent)
+            return self._dir(parent)
         if name == b"..":
+            self._dir(parent)
             row = self.db.execute("SELECT parent FROM dirents WHERE ino=?", (parent,)).fetchone()
             return self._row(row[0] if row else ROOT_INO)
-        ino = self._child(parent, name)
-        if ino is None:
+        # the common case in one statement; the parent is looked at only when the name is not there
+        row = self.db.execute(f"SELECT {_JOINED_COLS} FROM dirents d JOIN inodes i ON i.ino = d.ino "
+                              "WHERE d.parent=? AND d.name=?", (parent, name)).fetchone()
+        if row is None:
+            self._dir(parent)           # ENOENT or ENOTDIR for the parent comes first
             raise FsError(errno.ENOENT)
-        return self._row(ino)
+        return Attr(*row)
 
     def _new_inode(self, parent: int, name: bytes, mode: int, uid: int, gid: int, rdev: int = 0,
                    target: bytes | None = None) -> Attr:
@@ -563,7 +570,7 @@ class Volume:
     def readdir(self, ino: int, after_id: int = 0, limit: int = 1000) -> list[tuple[int, bytes, Attr]]:
         """Entries with id > after_id in id order: stable paging while the directory changes."""
         self._dir(ino)
-        rows = self.db.execute(f"SELECT d.id, d.name, {', '.join('i.' + c.strip() for c in _ATTR_COLS.split(','))} "
+        rows = self.db.execute(f"SELECT d.id, d.name, {_JOINED_COLS} "
                                "FROM dirents d JOIN inodes i ON i.ino = d.ino WHERE d.parent=? AND d.id>? "
                                "ORDER BY d.id LIMIT ?", (ino, after_id, limit)).fetchall()
         return [(r[0], r[1], Attr(*r[2:])) for r in rows]
