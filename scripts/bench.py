@@ -64,6 +64,8 @@ import sys
 import tempfile
 import time
 
+from reflinkfs.commands import is_mounted
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 PY = sys.executable
@@ -90,12 +92,6 @@ def run(cmd, timeout: float = CMD_TIMEOUT, check: bool = True, **kw) -> subproce
         raise RuntimeError(f"{cmd if isinstance(cmd, str) else shlex.join(cmd)} failed ({r.returncode}): "
                            f"{(r.stderr or r.stdout).strip()[-500:]}")
     return r
-
-
-def is_mounted(path: str) -> bool:
-    path = os.path.realpath(path)
-    with open("/proc/self/mounts") as f:
-        return any(line.split()[1] == path for line in f)
 
 
 def drop_caches() -> None:

@@ -37,6 +37,8 @@ import sys
 import tempfile
 import time
 
+from reflinkfs.commands import is_mounted
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 GiB = 1 << 30
@@ -63,12 +65,6 @@ def run(cmd, timeout: float = 600, check: bool = True, **kw) -> subprocess.Compl
     if check and r.returncode != 0:
         raise RuntimeError(f"{' '.join(map(str, cmd))} failed ({r.returncode}): {(r.stderr or r.stdout).strip()}")
     return r
-
-
-def is_mounted(path: str) -> bool:
-    target = os.path.realpath(path)
-    with open("/proc/self/mountinfo") as f:
-        return any(line.split()[4] == target for line in f)
 
 
 def wait_mounted(mnt: str, proc: subprocess.Popen | None = None) -> None:

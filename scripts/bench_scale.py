@@ -51,6 +51,7 @@ import xxhash  # noqa: E402
 
 from reflinkfs.check import fsck  # noqa: E402
 from reflinkfs.core.space import to_signed64  # noqa: E402
+from reflinkfs.commands import is_mounted  # noqa: E402
 from reflinkfs.meta import schema  # noqa: E402
 
 PY = sys.executable
@@ -73,12 +74,6 @@ def cli(*args: str, timeout: float = 1800, check: bool = True) -> subprocess.Com
     if check and r.returncode != 0:
         raise RuntimeError(f"reflinkfs {' '.join(args)} failed: {(r.stderr or r.stdout).strip()[-400:]}")
     return r
-
-
-def is_mounted(path: str) -> bool:
-    path = os.path.realpath(path)
-    with open("/proc/self/mounts") as f:
-        return any(line.split()[1] == path for line in f)
 
 
 def drop_caches() -> None:
