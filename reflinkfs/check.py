@@ -156,20 +156,23 @@ def check_extent_maps(db) -> list[str]:
     return out
 
 
-def check_nlink(db) -> list[str]:
-    """nlink equals the number of entries (directories: 2 + subdirectories)."""
-    out = []
+def _nlink_mismatches(db) -> list[tuple[int, int, int]]:
+    """(ino, nlink, should be) of every linked inode whose nlink is not its number of entries
+    (directories: 2 + subdirectories)."""
     entries = dict(db.execute("SELECT ino, COUNT(*) FROM dirents GROUP BY ino"))
     subdirs = dict(db.execute("SELECT d.parent, COUNT(*) FROM dirents d JOIN inodes i ON i.ino = d.ino "
                               "WHERE (i.mode & 61440) = 16384 GROUP BY d.parent"))
+    out = []
     for ino, mode, nlink in db.execute("SELECT ino, mode, nlink FROM inodes WHERE nlink > 0"):
-        if stat.S_ISDIR(mode):
-            want = 2 + subdirs.get(ino, 0)
-        else:
-            want = entries.get(ino, 0)
+        want = 2 + subdirs.get(ino, 0) if stat.S_ISDIR(mode) else entries.get(ino, 0)
         if nlink != want:
-            out.append(f"inode {ino}: nlink is {nlink}, should be {want}")
+            out.append((ino, nlink, want))
     return out
+
+
+def check_nlink(db) -> list[str]:
+    """nlink equals the number of entries (directories: 2 + subdirectories)."""
+    return [f"inode {ino}: nlink is {nlink}, should be {want}" for ino, nlink, want in _nlink_mismatches(db)]
 
 
 def check_tree(db) -> list[str]:
@@ -313,18 +316,11 @@ def repair(db, data_path: str) -> tuple[list[str], list[str]]:
                    "AND csums.pblock < r.pblock + r.nblocks)").rowcount
     if n:
         done.append(f"dropped {n} checksums of free blocks")
-    fixed = 0
-    for ino, mode, nlink in db.execute("SELECT ino, mode, nlink FROM inodes").fetchall():
-        if stat.S_ISDIR(mode):
-            want_n = 2 + db.execute("SELECT COUNT(*) FROM dirents d JOIN inodes i ON i.ino = d.ino WHERE "
-                                    "d.parent=? AND (i.mode & 61440) = 16384", (ino,)).fetchone()[0]
-        else:
-            want_n = db.execute("SELECT COUNT(*) FROM dirents WHERE ino=?", (ino,)).fetchone()[0]
-        if nlink != want_n:
-            db.execute("UPDATE inodes SET nlink=? WHERE ino=?", (want_n, ino))
-            fixed += 1
+    # orphans (nlink 0) were freed above, so every inode left is checked
+    fixed = _nlink_mismatches(db)
+    db.executemany("UPDATE inodes SET nlink=? WHERE ino=?", [(want, ino) for ino, _, want in fixed])
     if fixed:
-        done.append(f"corrected nlink of {fixed} inode(s)")
+        done.append(f"corrected nlink of {len(fixed)} inode(s)")
     db.execute("COMMIT")
     for f in check_csums_present(db):
         if "no checksum" in f:
