@@ -28,6 +28,13 @@ def checksums(pblock: int, data) -> list[tuple[int, int]]:
     return [(pblock + i, to_signed64(_xxh(mv[i * BS:(i + 1) * BS]))) for i in range(len(mv) // BS)]
 
 
+def verified(pblock: int, data, sums: dict[int, int]) -> list[bool]:
+    """For each block of data (read from pblock on): does it have a checksum, and does it match?"""
+    mv = memoryview(data)
+    return [(want := sums.get(pblock + i)) is not None and to_signed64(_xxh(mv[i * BS:(i + 1) * BS])) == want
+            for i in range(len(mv) // BS)]
+
+
 class UncachedIO:
     name = "none"
 
@@ -42,11 +49,9 @@ class UncachedIO:
         """Read physical blocks from the data file and verify each one's checksum."""
         buf = self.data.read(pblock, nblocks)
         sums = self.space.csums(pblock, nblocks)
-        mv = memoryview(buf)
-        for i in range(nblocks):
-            want = sums.get(pblock + i)
-            if want is None or to_signed64(_xxh(mv[i * BS:(i + 1) * BS])) != want:
-                what = "has no checksum" if want is None else "checksum mismatch"
+        for i, ok in enumerate(verified(pblock, buf, sums)):
+            if not ok:
+                what = "has no checksum" if pblock + i not in sums else "checksum mismatch"
                 raise FsError(errno.EIO, f"inode {ino}: data at byte offset {(lblock + i) * BS} is damaged "
                                          f"({what} at physical block {pblock + i})")
         return buf

@@ -37,17 +37,13 @@ from __future__ import annotations
 import errno
 from collections import OrderedDict
 
-import xxhash
-
 from ..errors import FsError
 from ..meta.schema import BLOCK_SIZE
-from .blockio import UncachedIO
-from .space import to_signed64
+from .blockio import UncachedIO, verified
 
 BS = BLOCK_SIZE
 UNIT_BLOCKS = 16
 UNIT = UNIT_BLOCKS * BS
-_xxh = xxhash.xxh3_64_intdigest
 ALL_VALID = (1 << UNIT_BLOCKS) - 1
 
 
@@ -198,18 +194,11 @@ class SharedCache(_CacheBase):
     def _load_units(self, u0: int, count: int) -> dict:
         """Load `count` consecutive physical units with one data-file read; verify what has a checksum."""
         buf = self.data.read(u0 * UNIT_BLOCKS, count * UNIT_BLOCKS)
-        sums = self.space.csums(u0 * UNIT_BLOCKS, count * UNIT_BLOCKS)
+        ok = verified(u0 * UNIT_BLOCKS, buf, self.space.csums(u0 * UNIT_BLOCKS, count * UNIT_BLOCKS))
         mv = memoryview(buf)
         loaded = {}
         for k in range(count):
-            valid = 0
-            base = (u0 + k) * UNIT_BLOCKS
-            for i in range(UNIT_BLOCKS):
-                want = sums.get(base + i)
-                if want is not None:
-                    off = (k * UNIT_BLOCKS + i) * BS
-                    if to_signed64(_xxh(mv[off:off + BS])) == want:
-                        valid |= 1 << i
+            valid = sum(1 << i for i in range(UNIT_BLOCKS) if ok[k * UNIT_BLOCKS + i])
             loaded[u0 + k] = e = Entry(bytes(mv[k * UNIT:(k + 1) * UNIT]), valid, None)
             self._put(u0 + k, e)
         return loaded
