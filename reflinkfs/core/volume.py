@@ -409,13 +409,15 @@ class Volume:
 
     def unlink(self, parent: int, name: bytes) -> None:
         with self._op():
-            self._dir(parent)
-            ino = self._child(parent, name)
-            if ino is None:
+            row = self.db.execute("SELECT d.ino, i.mode, i.nlink FROM dirents d JOIN inodes i ON i.ino = d.ino "
+                                  "WHERE d.parent=? AND d.name=?", (parent, name)).fetchone()
+            if row is None:
+                self._dir(parent)           # ENOENT or ENOTDIR for the parent comes first
                 raise FsError(errno.ENOENT)
-            if stat.S_ISDIR(self._row(ino).mode):
+            ino, mode, nlink = row
+            if stat.S_ISDIR(mode):
                 raise FsError(errno.EISDIR)
-            self._remove_entry(parent, name, ino)
+            self._remove_entry(parent, name, ino, mode, nlink)
 
     def rmdir(self, parent: int, name: bytes) -> None:
         if name == b".":
@@ -427,28 +429,23 @@ class Volume:
             ino = self._child(parent, name)
             if ino is None:
                 raise FsError(errno.ENOENT)
-            self._dir(ino)
+            a = self._dir(ino)
             if self.db.execute("SELECT 1 FROM dirents WHERE parent=? LIMIT 1", (ino,)).fetchone():
                 raise FsError(errno.ENOTEMPTY)
-            self._remove_entry(parent, name, ino)
+            self._remove_entry(parent, name, ino, a.mode, a.nlink)
 
-    def _remove_entry(self, parent: int, name: bytes, ino: int) -> None:
-        """Drop one directory entry; free the inode when nothing refers to it any more."""
+    def _remove_entry(self, parent: int, name: bytes, ino: int, mode: int, nlink: int) -> None:
+        """Drop one directory entry of ino (whose mode and link count the caller has just read); free the
+        inode when nothing refers to it any more."""
         self.db.execute("DELETE FROM dirents WHERE parent=? AND name=?", (parent, name))
-        if stat.S_ISDIR(self._row(ino).mode):
-            self.db.execute("UPDATE inodes SET nlink=0 WHERE ino=?", (ino,))
-            self.db.execute("UPDATE inodes SET nlink=nlink-1 WHERE ino=?", (parent,))
-        else:
-            self.db.execute("UPDATE inodes SET nlink=nlink-1 WHERE ino=?", (ino,))
-        self._touch(parent)
-        self._touch(ino, mtime=False)
-        self._maybe_free(ino)
-
-    def _maybe_free(self, ino: int) -> None:
-        a = self._row(ino)
-        if a.nlink > 0 or self._open[ino] > 0 or self._lookups[ino] > 0:
-            return
-        self._free_inode(ino)
+        now = time.time_ns()
+        is_dir = stat.S_ISDIR(mode)
+        left = 0 if is_dir else nlink - 1
+        self.db.execute("UPDATE inodes SET nlink=?, ctime_ns=? WHERE ino=?", (left, now, ino))
+        self.db.execute("UPDATE inodes SET nlink=nlink-?, mtime_ns=?, ctime_ns=? WHERE ino=?",
+                        (int(is_dir), now, now, parent))
+        if left <= 0 and self._open[ino] <= 0 and self._lookups[ino] <= 0:
+            self._free_inode(ino)
 
     def _free_inode(self, ino: int) -> None:
         self._release(ext.unmap(self.db, ino, 0, END))
@@ -542,7 +539,7 @@ class Volume:
                         raise FsError(errno.ENOTEMPTY)
                 elif src_dir:
                     raise FsError(errno.ENOTDIR)
-                self._remove_entry(new_parent, new_name, target)
+                self._remove_entry(new_parent, new_name, target, t.mode, t.nlink)
             self.db.execute("UPDATE dirents SET parent=?, name=? WHERE parent=? AND name=?",
                             (new_parent, new_name, old_parent, old_name))
             if src_dir and old_parent != new_parent:
@@ -643,17 +640,31 @@ class Volume:
         """Buffers holding logical blocks [start, end) of a file; holes as zeros."""
         return self.io.read_blocks(ino, start, end)
 
-    def read(self, ino: int, offset: int, nbytes: int) -> bytes:
+    def read(self, ino: int, offset: int, nbytes: int):
+        """Up to nbytes at offset, as one buffer (bytes or a memoryview)."""
+        parts = self.read_parts(ino, offset, nbytes)
+        if len(parts) == 1:
+            return parts[0]
+        return b"".join(parts)
+
+    def read_parts(self, ino: int, offset: int, nbytes: int) -> list:
+        """Up to nbytes at offset, as a list of buffers to be sent in order: views into cached units where
+        the cache has them, so a large read is never copied into one new buffer (the mount replies with
+        them as an iovec)."""
         a = self._memo.attr(ino) or self._memo.keep_attr(self._reg(ino))
         end = min(a.size, offset + nbytes)
         if offset >= end:
-            return b""
+            return [b""]
         b0, b1 = offset // BS, _ceil_div(end, BS)
         parts = self._read_blocks(ino, b0, b1)
-        lo, hi = offset - b0 * BS, end - b0 * BS
-        if len(parts) == 1:
-            return memoryview(parts[0])[lo:hi]
-        return memoryview(b"".join(parts))[lo:hi]
+        lo, tail = offset - b0 * BS, b1 * BS - end        # each part is whole blocks: lo, tail < one part
+        if lo or tail:
+            if len(parts) == 1:
+                parts = [memoryview(parts[0])[lo:len(parts[0]) - tail]]
+            else:
+                first, last = memoryview(parts[0]), memoryview(parts[-1])
+                parts = [first[lo:], *parts[1:-1], last[:len(last) - tail]]
+        return parts
 
     def write(self, ino: int, offset: int, data) -> int:
         nbytes = len(data)

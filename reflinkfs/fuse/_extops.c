@@ -15,6 +15,13 @@
  * fuse_session_destroy is interposed the same way so that a Request object
  * that outlives its session never touches freed libfuse memory.
  *
+ * The same table copy also routes `read` through op_read below once a
+ * Python read handler is registered (set_read_handler).  The handler is
+ * called synchronously and returns the reply as a list of buffers, which go
+ * to the kernel with one fuse_reply_iov(): a read served from several cache
+ * units is never joined into one new buffer.  Without a handler, pyfuse3's
+ * own read handler serves the request as before.
+ *
  * The C handlers run inside fuse_session_process_buf(), which pyfuse3 calls
  * from trio's thread with the GIL held.  They still use PyGILState_Ensure so
  * they are correct from any thread.  Each handler wraps the fuse_req_t in a
@@ -36,6 +43,7 @@
 #include <dlfcn.h>
 #include <errno.h>
 #include <string.h>
+#include <sys/uio.h>
 
 #define EXPORT __attribute__((visibility("default")))
 
@@ -48,6 +56,7 @@ typedef void (*session_destroy_fn)(struct fuse_session *);
 
 static PyObject *h_copy_file_range = NULL; /* strong refs or NULL */
 static PyObject *h_fallocate = NULL;
+static PyObject *h_read = NULL;            /* read(fh, off, size) -> buffers | errno */
 static PyObject *last_exc = NULL;          /* last exception raised by a handler */
 
 static volatile int g_interposed = 0;
@@ -55,6 +64,10 @@ static unsigned long long n_copy_file_range = 0;
 static unsigned long long n_fallocate = 0;
 static unsigned long long n_default_replies = 0; /* ENOSYS/EOPNOTSUPP fallbacks */
 static unsigned long long n_dropped = 0;         /* Requests replied EIO in dealloc */
+static unsigned long long n_read = 0;            /* reads served by h_read */
+
+typedef void (*read_fn)(fuse_req_t, fuse_ino_t, size_t, off_t, struct fuse_file_info *);
+static read_fn orig_read = NULL;                 /* pyfuse3's read handler */
 
 /* Sessions created through us, and a generation counter bumped whenever one
  * of them is destroyed.  A Request records the generation it was created in;
@@ -212,6 +225,19 @@ static PyTypeObject Request_Type = {
 
 /* ---- dispatch ---------------------------------------------------------- */
 
+/* Move the pending Python exception into last_exc (it is never left set). */
+static void keep_exception(void)
+{
+    PyObject *t, *v, *tb;
+    PyErr_Fetch(&t, &v, &tb);
+    PyErr_NormalizeException(&t, &v, &tb);
+    if (v != NULL && tb != NULL)
+        PyException_SetTraceback(v, tb);
+    Py_XDECREF(t);
+    Py_XDECREF(tb);
+    Py_XSETREF(last_exc, v);  /* steals v (may be NULL) */
+}
+
 /* Call handler(req, *args).  On any failure (no handler, exception, object
  * creation failure) reply `fallback_errno` unless a reply was already sent.
  * Never leaves a Python exception set: pyfuse3 checks PyErr_Occurred() after
@@ -266,16 +292,7 @@ static void dispatch(fuse_req_t req, const char *op, PyObject *handler,
     goto out;
 
 fail:
-    {
-        PyObject *t, *v, *tb;
-        PyErr_Fetch(&t, &v, &tb);
-        PyErr_NormalizeException(&t, &v, &tb);
-        if (v != NULL && tb != NULL)
-            PyException_SetTraceback(v, tb);
-        Py_XDECREF(t);
-        Py_XDECREF(tb);
-        Py_XSETREF(last_exc, v);  /* steals v (may be NULL) */
-    }
+    keep_exception();
     Py_XDECREF(args);
     Py_XDECREF(handler);
     if (robj != NULL) {
@@ -325,6 +342,102 @@ static void op_fallocate(fuse_req_t req, fuse_ino_t ino, int mode,
              mode, (long long)offset, (long long)length);
 }
 
+#define READ_STACK_PARTS 40
+
+/* Reply to a read with the handler's answer: a list or tuple of buffers
+ * (sent as they are, one iovec each), an int errno, or any one buffer. */
+static int reply_read(fuse_req_t req, PyObject *res)
+{
+    if (PyLong_Check(res)) {
+        long e = PyLong_AsLong(res);
+        if (e <= 0 || e > 4095) {
+            if (!PyErr_Occurred())
+                PyErr_Format(PyExc_ValueError, "read handler returned errno %ld", e);
+            return -1;
+        }
+        fuse_reply_err(req, (int)e);
+        return 0;
+    }
+    if (!PyList_CheckExact(res) && !PyTuple_CheckExact(res)) {
+        Py_buffer one;
+        if (PyObject_GetBuffer(res, &one, PyBUF_SIMPLE) < 0)
+            return -1;
+        fuse_reply_buf(req, one.buf, (size_t)one.len);
+        PyBuffer_Release(&one);
+        return 0;
+    }
+    PyObject **items = PySequence_Fast_ITEMS(res);
+    Py_ssize_t n = PySequence_Fast_GET_SIZE(res);
+    if (n == 0) {
+        fuse_reply_buf(req, NULL, 0);
+        return 0;
+    }
+    Py_buffer stack_views[READ_STACK_PARTS];
+    struct iovec stack_iov[READ_STACK_PARTS] = {{0}};
+    Py_buffer *views = stack_views;
+    struct iovec *iov = stack_iov;
+    if (n > READ_STACK_PARTS) {
+        views = PyMem_Malloc(n * sizeof(*views));
+        iov = PyMem_Malloc(n * sizeof(*iov));
+        if (views == NULL || iov == NULL) {
+            PyMem_Free(views);
+            PyMem_Free(iov);
+            PyErr_NoMemory();
+            return -1;
+        }
+    }
+    Py_ssize_t got = 0;
+    int rc = 0;
+    for (; got < n; got++) {
+        if (PyObject_GetBuffer(items[got], &views[got], PyBUF_SIMPLE) < 0) {
+            rc = -1;
+            break;
+        }
+        iov[got].iov_base = views[got].buf;
+        iov[got].iov_len = (size_t)views[got].len;
+    }
+    if (rc == 0)
+        fuse_reply_iov(req, iov, (int)n);  /* copies into the kernel before it returns */
+    for (Py_ssize_t i = 0; i < got; i++)
+        PyBuffer_Release(&views[i]);
+    if (views != stack_views) {
+        PyMem_Free(views);
+        PyMem_Free(iov);
+    }
+    return rc;
+}
+
+static void op_read(fuse_req_t req, fuse_ino_t ino, size_t size, off_t off,
+                    struct fuse_file_info *fi)
+{
+    PyGILState_STATE gs = PyGILState_Ensure();
+    PyObject *handler = h_read;
+    if (handler == NULL) {
+        PyGILState_Release(gs);
+        if (orig_read != NULL)
+            orig_read(req, ino, size, off, fi);
+        else
+            fuse_reply_err(req, ENOSYS);
+        return;
+    }
+    PyObject *s_type, *s_val, *s_tb;                /* normally all NULL */
+    PyErr_Fetch(&s_type, &s_val, &s_tb);
+    n_read++;
+    Py_INCREF(handler);
+    PyObject *res = PyObject_CallFunction(handler, "KLK",
+                                          (unsigned long long)(fi ? fi->fh : 0),
+                                          (long long)off, (unsigned long long)size);
+    Py_DECREF(handler);
+    if (res == NULL || reply_read(req, res) < 0) {
+        keep_exception();
+        n_default_replies++;
+        fuse_reply_err(req, EIO);
+    }
+    Py_XDECREF(res);
+    PyErr_Restore(s_type, s_val, s_tb);
+    PyGILState_Release(gs);
+}
+
 /* ---- the interposed libfuse entry points ------------------------------- */
 
 EXPORT struct fuse_session *
@@ -347,6 +460,8 @@ fuse_session_new(struct fuse_args *args, const struct fuse_lowlevel_ops *op,
     memcpy(&ops, op, op_size < sizeof(ops) ? op_size : sizeof(ops));
     ops.copy_file_range = op_copy_file_range;
     ops.fallocate = op_fallocate;
+    orig_read = ops.read;
+    ops.read = op_read;
     g_interposed = 1;
     return real(args, &ops, sizeof(ops), userdata);
 }
@@ -389,6 +504,15 @@ static PyObject *m_set_handlers(PyObject *mod, PyObject *args, PyObject *kw)
     Py_RETURN_NONE;
 }
 
+static PyObject *m_set_read_handler(PyObject *mod, PyObject *arg)
+{
+    if (check_callable(arg, "read") < 0)
+        return NULL;
+    PyObject *new_read = arg == Py_None ? NULL : Py_NewRef(arg);
+    Py_XSETREF(h_read, new_read);
+    Py_RETURN_NONE;
+}
+
 static PyObject *m_interposed(PyObject *mod, PyObject *unused)
 {
     return PyBool_FromLong(g_interposed);
@@ -396,9 +520,10 @@ static PyObject *m_interposed(PyObject *mod, PyObject *unused)
 
 static PyObject *m_counts(PyObject *mod, PyObject *unused)
 {
-    return Py_BuildValue("{s:K,s:K,s:K,s:K}",
+    return Py_BuildValue("{s:K,s:K,s:K,s:K,s:K}",
                          "copy_file_range", n_copy_file_range,
                          "fallocate", n_fallocate,
+                         "read", n_read,
                          "default_replies", n_default_replies,
                          "dropped", n_dropped);
 }
@@ -416,6 +541,11 @@ static PyMethodDef module_methods[] = {
      "copy_file_range(req, ino_in, fh_in, off_in, ino_out, fh_out, off_out, length, flags)\n"
      "fallocate(req, ino, fh, mode, offset, length)\n"
      "The callable must eventually call req.reply_write()/req.reply_err()."},
+    {"set_read_handler", m_set_read_handler, METH_O,
+     "set_read_handler(read)\n\n"
+     "read(fh, off, size) -> list of buffers | one buffer | errno (int > 0), called\n"
+     "synchronously for every read; None gives reads back to pyfuse3's handler.\n"
+     "An exception replies EIO (see last_exception())."},
     {"interposed", m_interposed, METH_NOARGS,
      "interposed() -> bool: True once pyfuse3's fuse_session_new went through us."},
     {"counts", m_counts, METH_NOARGS,

@@ -48,6 +48,19 @@ XATTR_CLONE = b"user.reflinkfs.clone-from"    # set on a file to "<inode>" of a 
 EXTENTS_PAGE = 1500                            # keeps a page under the kernel's 64 KiB xattr limit
 
 
+def _errno_of(exc: Exception, op: str, args: tuple) -> int:
+    """The errno a failed operation answers with; what the operator must see is logged here."""
+    if isinstance(exc, FsError):
+        if exc.errno == errno.EIO:
+            log.error("%s: %s", op, exc.message)
+        return exc.errno
+    if isinstance(exc, OSError):
+        log.error("%s: %s", op, exc)
+        return exc.errno or errno.EIO
+    log.error("internal error in %s%r", op, args[:3], exc_info=exc)
+    return errno.EIO
+
+
 def _translate(fn):
     """Domain errors become FUSEError(errno) here, at the boundary, and nowhere else."""
     @functools.wraps(fn)
@@ -56,16 +69,8 @@ def _translate(fn):
             return await fn(self, *args)
         except pyfuse3.FUSEError:
             raise
-        except FsError as e:
-            if e.errno == errno.EIO:
-                log.error("%s: %s", fn.__name__, e.message)
-            raise pyfuse3.FUSEError(e.errno) from None
-        except OSError as e:
-            log.error("%s: %s", fn.__name__, e)
-            raise pyfuse3.FUSEError(e.errno or errno.EIO) from None
-        except Exception:
-            log.exception("internal error in %s%r", fn.__name__, args[:3])
-            raise pyfuse3.FUSEError(errno.EIO) from None
+        except Exception as e:
+            raise pyfuse3.FUSEError(_errno_of(e, fn.__name__, args)) from None
     return wrapper
 
 
@@ -339,6 +344,14 @@ class Operations(pyfuse3.Operations):
     @_translate
     async def read(self, fh, off, size):
         return self.vol.read(self.handle(fh).ino, off, size)
+
+    def read_parts(self, fh: int, off: int, size: int):
+        """The read handler the mount registers with extops (see extops.set_read_handler): the same read,
+        answered synchronously with the cache's buffers as an iovec, or with an errno."""
+        try:
+            return self.vol.read_parts(self.handle(fh).ino, off, size)
+        except Exception as e:
+            return _errno_of(e, "read", (fh, off, size))
 
     @_translate
     async def write(self, fh, off, buf):

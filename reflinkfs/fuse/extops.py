@@ -60,6 +60,16 @@ and ``fallocate(req, ino, fh, mode, offset, length)``.
   Nothing is printed; see :func:`last_exception`.
 
 ``req.uid``, ``req.gid`` and ``req.pid`` give the request context.
+
+Reads
+-----
+The same table copy routes ``read`` through a C handler.  Until
+:func:`set_read_handler` registers a Python callable it forwards every read to
+pyfuse3's own handler.  With one, ``read(fh, off, size)`` is called
+synchronously and returns a list of buffers (``bytes``/``memoryview``), which
+the C side passes to ``fuse_reply_iov()`` as they are: a reply made of several
+cache buffers is never copied into one new buffer, and no coroutine is created
+per read.  Returning an int replies that errno; an exception replies EIO.
 """
 
 from __future__ import annotations
@@ -76,6 +86,7 @@ __all__ = [
     "LoadStatus",
     "load",
     "set_handlers",
+    "set_read_handler",
     "interposed",
     "counts",
     "last_exception",
@@ -147,7 +158,8 @@ def interposed() -> bool:
 
 
 def counts() -> dict[str, int]:
-    """Requests received: {'copy_file_range', 'fallocate', 'default_replies', 'dropped'}."""
+    """Requests received: {'copy_file_range', 'fallocate', 'read', 'default_replies', 'dropped'}
+    ('read' counts only reads served by the handler of set_read_handler)."""
     return _require().counts()
 
 
@@ -216,3 +228,8 @@ def set_handlers(copy_file_range: Callable[..., Any] | None = None,
     """
     _require().set_handlers(copy_file_range=_wrap(copy_file_range, "copy_file_range"),
                             fallocate=_wrap(fallocate, "fallocate"))
+
+
+def set_read_handler(read: Callable[[int, int, int], Any] | None) -> None:
+    """Serve reads with ``read(fh, off, size)`` (see "Reads" above), or give them back to pyfuse3 (None)."""
+    _require().set_read_handler(read)

@@ -7,6 +7,9 @@ replies with req.reply_write(n); fallocate is a plain handler that replies
 0, except on the file "drop" where it drops the Request without replying
 (the extension must then answer EIO).
 MODE "raise": both handlers record the call and raise.
+MODE "readv": reads go to a handler registered with extops.set_read_handler:
+"src" is answered as a list of 100-byte views, "dst" with the errno EPERM, and
+on "drop" the handler raises (the extension must then answer EIO).
 
 Every handler call and every write is appended to LOGFILE as a JSON line.
 """
@@ -177,6 +180,14 @@ class ToyFS(pyfuse3.Operations):
         self.log(**rec)
         req.reply_err(0)
 
+    def read_parts(self, fh, off, size):
+        if fh == self.names[b"drop"]:
+            raise ValueError("read handler failure (expected by the test)")
+        if fh == self.names[b"dst"]:
+            return errno.EPERM
+        view = memoryview(bytes(self.data[fh][off:off + size]))
+        return [view[i:i + 100] for i in range(0, len(view), 100)] or [b""]
+
     def raising_copy_file_range(self, req, *args):
         self.log(event="copy_file_range", raised=True, args=list(args),
                  counts=extops.counts())
@@ -202,6 +213,10 @@ def main():
     elif mode == "raise":
         extops.set_handlers(copy_file_range=fs.raising_copy_file_range,
                             fallocate=fs.raising_fallocate)
+    elif mode == "readv":
+        fs.data[fs.names[b"dst"]] = bytearray(4096)       # not empty: the kernel reads only below EOF
+        fs.data[fs.names[b"drop"]] = bytearray(4096)
+        extops.set_read_handler(fs.read_parts)
     else:
         raise SystemExit(f"unknown mode {mode!r}")
     opts = set(pyfuse3.default_options)

@@ -214,6 +214,7 @@ def test_copy_file_range_and_fallocate_reach_handlers(tmp_path):
         assert m.records("fallocate")[-1].get("dropped") is True
 
     (exit_rec,) = m.records("exit")
+    assert exit_rec["counts"]["read"] == 0, "without a read handler pyfuse3 serves reads"
     assert exit_rec["counts"]["copy_file_range"] == 1
     assert exit_rec["counts"]["fallocate"] == 2
     assert exit_rec["counts"]["dropped"] == 1
@@ -260,6 +261,29 @@ def test_raising_handlers_fall_back_without_hanging(tmp_path):
     assert exit_rec["counts"]["fallocate"] >= 1
     assert exit_rec["counts"]["default_replies"] == exit_rec["counts"]["copy_file_range"] + exit_rec["counts"]["fallocate"]
     assert "ValueError" in exit_rec["last_exception"]
+
+
+def test_read_handler_replies_with_an_iovec_or_an_errno(tmp_path):
+    with toy_mount(tmp_path, "readv") as m:
+        src = m.path("src")
+        fd = os.open(src, os.O_RDONLY)
+        try:
+            # 100-byte parts: a whole-file read is 164 of them (more than the C side keeps on its stack)
+            assert os.pread(fd, len(SRC_DATA), 0) == SRC_DATA
+            assert os.pread(fd, 1000, 12345) == SRC_DATA[12345:13345]
+            assert os.pread(fd, 4096, len(SRC_DATA) - 10) == SRC_DATA[-10:]
+            assert os.pread(fd, 4096, len(SRC_DATA)) == b""
+        finally:
+            os.close(fd)
+        with pytest.raises(PermissionError):
+            m.path("dst").read_bytes()
+        with pytest.raises(OSError) as ei:
+            m.path("drop").read_bytes()
+        assert ei.value.errno == errno.EIO
+    (exit_rec,) = m.records("exit")
+    assert exit_rec["counts"]["read"] >= 3          # src (at least once), dst, drop
+    assert exit_rec["counts"]["default_replies"] >= 1
+    assert "read handler failure" in exit_rec["last_exception"]
 
 
 LOAD_AFTER_PYFUSE3 = textwrap.dedent("""

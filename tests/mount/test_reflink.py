@@ -622,3 +622,32 @@ def test_df_shows_saved_bytes(fs, workdir):
     os.unlink(workdir / "g")
     os.unlink(workdir / "h")
     assert json.loads(cli_ok("df", "--json", fs.mnt))["saved_bytes"] == before["saved_bytes"]
+
+
+# -- the read path ---------------------------------------------------------------------------------
+def test_reads_across_shared_units_holes_and_eof_are_exact(fs, workdir):
+    """Reads are answered by the mount's iovec read handler (a list of cache buffers per reply): any
+    offset and size, across 64 KiB cache units, extents of two files, a hole and EOF, gives exact bytes."""
+    UNIT = 16 * BS
+    src, dst = workdir / "rsrc", workdir / "rdst"
+    data = bytearray(rnd(5 * UNIT + 3000, 91))
+    write_file(src, bytes(data))
+    cp("--reflink=auto", src, dst)
+    with open(dst, "r+b") as f:                  # a private block in the middle of the shared extent
+        f.seek(2 * UNIT + 5 * BS)
+        f.write(b"\xee" * BS)
+        f.truncate(len(data) + 2 * UNIT)          # a hole after the last data
+    data[2 * UNIT + 5 * BS:2 * UNIT + 6 * BS] = b"\xee" * BS
+    data += bytes(2 * UNIT)
+    before = status(fs.mnt)["extops"]["read"]
+    fd = os.open(dst, os.O_RDONLY)
+    try:
+        r = random.Random(5)
+        cases = [(0, len(data)), (1, 1 << 20), (UNIT - 1, 2), (2 * UNIT + 5 * BS - 7, BS + 14),
+                 (len(data) - 10, 4096), (len(data), 4096)]
+        cases += [(r.randrange(len(data) + 100), r.randrange(1, 300_000)) for _ in range(200)]
+        for off, size in cases:
+            assert os.pread(fd, size, off) == bytes(data[off:off + size]), (off, size)
+    finally:
+        os.close(fd)
+    assert status(fs.mnt)["extops"]["read"] - before >= len(cases) - 1
