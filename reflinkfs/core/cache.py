@@ -173,23 +173,40 @@ class SharedCache(_CacheBase):
     name = "shared"
 
     def read_blocks(self, ino: int, lstart: int, lend: int) -> list:
-        """Fast path for the commonest small read: one extent, inside one cached, verified unit."""
-        n = lend - lstart
-        if n <= UNIT_BLOCKS:
-            runs = self.lookup(ino, lstart, lend)
-            if len(runs) == 1 and runs[0][0] == lstart and runs[0][2] == n:
-                pb = runs[0][1]
-                u, i0 = divmod(pb, UNIT_BLOCKS)
-                e = self.entries.get(u)
-                if e is not None and i0 + n <= UNIT_BLOCKS:
-                    mask = ((1 << n) - 1) << i0
-                    if e.valid & mask == mask:
-                        self.hits += 1
-                        self.policy.touch(u)
-                        self._last_end[ino] = lend
-                        self.bytes_served += n * BS
-                        return [memoryview(e.buf)[i0 * BS:(i0 + n) * BS]]
+        """Fast path for the commonest read: one extent, all of it in cached, verified units."""
+        runs = self.lookup(ino, lstart, lend)
+        if len(runs) == 1 and runs[0][0] == lstart and runs[0][2] == lend - lstart:
+            views = self._cached_views(runs[0][1], lend - lstart)
+            if views is not None:
+                self._last_end[ino] = lend          # a later read continuing here is sequential
+                self.bytes_served += (lend - lstart) * BS
+                return views
         return super().read_blocks(ino, lstart, lend)
+
+    def _cached_views(self, pb: int, n: int) -> list | None:
+        """Views of physical blocks [pb, pb+n) if every unit they touch is cached and verified, else None
+        (nothing counted: the general path then does the work)."""
+        entries = self.entries
+        views = []
+        units = []
+        p, end = pb, pb + n
+        while p < end:
+            u, i0 = divmod(p, UNIT_BLOCKS)
+            e = entries.get(u)
+            if e is None:
+                return None
+            i1 = min(UNIT_BLOCKS, end - u * UNIT_BLOCKS)
+            mask = ((1 << i1) - 1) ^ ((1 << i0) - 1)
+            if e.valid & mask != mask:
+                return None
+            views.append(memoryview(e.buf)[i0 * BS:i1 * BS])
+            units.append(u)
+            p = (u + 1) * UNIT_BLOCKS
+        touch = self.policy.touch
+        for u in units:
+            touch(u)
+        self.hits += len(units)
+        return views
 
     def _load_units(self, u0: int, count: int) -> dict:
         """Load `count` consecutive physical units with one data-file read; verify what has a checksum."""
