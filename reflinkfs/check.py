@@ -10,6 +10,7 @@ after every operation.
 """
 from __future__ import annotations
 
+import bisect
 import os
 import stat
 import sqlite3
@@ -20,7 +21,7 @@ import xxhash
 from .meta import schema
 from .meta.schema import BLOCK_SIZE, ROOT_INO
 from .core.intervals import coverage as _coverage
-from .core.space import to_signed64
+from .core.space import pack_sums, read_csums, unpack_sums
 
 BS = BLOCK_SIZE
 
@@ -198,11 +199,19 @@ def check_tree(db) -> list[str]:
 
 
 def check_csums_present(db) -> list[str]:
-    """Every used block has a checksum, and no free block keeps one."""
+    """Checksum runs are well formed and disjoint, every used block has a checksum, and no free block
+    keeps one."""
     out = []
     used = _coverage(db.execute("SELECT pblock, nblocks FROM refs").fetchall())
-    csum_blocks = [r[0] for r in db.execute("SELECT pblock FROM csums ORDER BY pblock")]
-    have = _coverage([(p, 1) for p in csum_blocks])
+    runs = db.execute("SELECT pblock, nblocks, length(sums) FROM csums ORDER BY pblock").fetchall()
+    end = 0
+    for p, n, size in runs:
+        if n <= 0 or size != 8 * n:
+            out.append(f"checksum: the run at physical block {p} is malformed ({n} blocks, {size} bytes of sums)")
+        elif p < end:
+            out.append(f"checksum: the runs at physical blocks before {p} and at {p} overlap")
+        end = max(end, p + n)
+    have = _coverage([(p, n) for p, n, _ in runs if n > 0])
     for s, e, u, h in _diff([(s, e, 1) for s, e, _ in used], [(s, e, 1) for s, e, _ in have])[:50]:
         if u and not h:
             out.append(f"checksum: used physical blocks {s}-{e - 1} have no checksum")
@@ -217,13 +226,13 @@ def check_data(db, data_path: str) -> list[str]:
     owners = db.execute("SELECT ino, lblock, pblock, nblocks FROM extents ORDER BY pblock").fetchall()
     with open(data_path, "rb") as f:
         for s, n in db.execute("SELECT pblock, nblocks FROM refs ORDER BY pblock").fetchall():
-            sums = dict(db.execute("SELECT pblock, csum FROM csums WHERE pblock >= ? AND pblock < ?", (s, s + n)))
+            sums = read_csums(db, s, n)
             f.seek(s * BS)
             for i in range(n):
                 blk = f.read(BS)
                 blk = blk + bytes(BS - len(blk))
                 p = s + i
-                if p in sums and to_signed64(xxhash.xxh3_64_intdigest(blk)) != sums[p]:
+                if sums[i] is not None and xxhash.xxh3_64_intdigest(blk) != sums[i]:
                     who = [f"inode {ino} offset {(lb + p - pb) * BS}" for ino, lb, pb, m in owners if pb <= p < pb + m]
                     out.append(f"data: physical block {p} does not match its checksum ({', '.join(who) or 'unowned'})")
         # bytes past a file's size are zero, so growing the file never exposes old data
@@ -312,10 +321,9 @@ def repair(db, data_path: str) -> tuple[list[str], list[str]]:
         if pos < data_blocks:
             db.execute("INSERT INTO free(pblock, nblocks) VALUES (?, ?)", (pos, data_blocks - pos))
         done.append("rebuilt refcounts and free space from the extent maps")
-    n = db.execute("DELETE FROM csums WHERE NOT EXISTS (SELECT 1 FROM refs r WHERE r.pblock <= csums.pblock "
-                   "AND csums.pblock < r.pblock + r.nblocks)").rowcount
+    n = _drop_csums_outside(db, _coverage(db.execute("SELECT pblock, nblocks FROM refs").fetchall()), data_path)
     if n:
-        done.append(f"dropped {n} checksums of free blocks")
+        done.append(f"dropped {n} checksums of free blocks or of blocks two runs claimed")
     # orphans (nlink 0) were freed above, so every inode left is checked
     fixed = _nlink_mismatches(db)
     db.executemany("UPDATE inodes SET nlink=? WHERE ino=?", [(want, ino) for ino, _, want in fixed])
@@ -326,6 +334,49 @@ def repair(db, data_path: str) -> tuple[list[str], list[str]]:
         if "no checksum" in f:
             cannot.append(f + " (their contents cannot be verified; reading them gives EIO)")
     return done, cannot
+
+
+def _drop_csums_outside(db, used, data_path: str) -> int:
+    """Rebuild the checksum runs as well-formed, disjoint runs over used blocks only (`used`: sorted,
+    disjoint (start, end, _)); return how many block checksums were dropped. A block that two runs claim
+    keeps the sum that matches its bytes in the data file, or none if neither does."""
+    runs = []
+    total = 0
+    for p, n, blob in db.execute("SELECT pblock, nblocks, sums FROM csums ORDER BY pblock").fetchall():
+        total += max(n, 0)
+        runs.append((p, unpack_sums(blob[:8 * n]) if n > 0 else []))
+    if any(p < q + len(s) for (q, s), (p, _) in zip(runs, runs[1:])):
+        claims: dict[int, list[int]] = {}
+        for p, sums in runs:
+            for i, v in enumerate(sums):
+                claims.setdefault(p + i, []).append(v)
+        runs = []
+        with open(data_path, "rb") as f:
+            for q in sorted(claims):
+                vs = claims[q]
+                if len(vs) > 1:
+                    f.seek(q * BS)
+                    h = xxhash.xxh3_64_intdigest(f.read(BS).ljust(BS, b"\0"))
+                    vs = [h] if h in vs else []
+                if not vs:
+                    continue
+                if runs and runs[-1][0] + len(runs[-1][1]) == q:
+                    runs[-1][1].append(vs[0])
+                else:
+                    runs.append((q, [vs[0]]))
+    ends = [e for _, e, _ in used]
+    keep = []
+    for p, sums in runs:
+        k = bisect.bisect_right(ends, p)
+        while k < len(used) and used[k][0] < p + len(sums):
+            a, b = max(used[k][0], p), min(used[k][1], p + len(sums))
+            keep.append((a, b - a, pack_sums(sums[a - p:b - p])))
+            k += 1
+    dropped = total - sum(n for _, n, _ in keep)
+    if dropped:
+        db.execute("DELETE FROM csums")
+        db.executemany("INSERT INTO csums(pblock, nblocks, sums) VALUES (?, ?, ?)", keep)
+    return dropped
 
 
 def fsck(store: str, repair_: bool = False, verify_data: bool = False) -> Report:

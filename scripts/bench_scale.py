@@ -50,7 +50,7 @@ sys.path.insert(0, ROOT)
 import xxhash  # noqa: E402
 
 from reflinkfs.check import fsck  # noqa: E402
-from reflinkfs.core.space import to_signed64  # noqa: E402
+from reflinkfs.core.space import pack_sums  # noqa: E402
 from reflinkfs.commands import is_mounted  # noqa: E402
 from reflinkfs.meta import schema  # noqa: E402
 
@@ -179,7 +179,8 @@ def build(store: str, nfiles: int, nextents: int, big_extents: int) -> dict:
         if p == data_blocks or refcount[p] != refcount[start]:
             refs.append((start, p - start, refcount[start]))
             start = p
-    zero_csum = to_signed64(xxhash.xxh3_64_intdigest(bytes(BS)))
+    zero_sum = xxhash.xxh3_64_intdigest(bytes(BS))
+    run = 1024                             # blocks per checksum row
 
     db.execute("BEGIN")
     db.executemany("INSERT INTO inodes(ino, mode, uid, gid, nlink, size, blocks, atime_ns, mtime_ns, ctime_ns) "
@@ -188,7 +189,9 @@ def build(store: str, nfiles: int, nextents: int, big_extents: int) -> dict:
     db.executemany("INSERT INTO dirents(parent, name, ino) VALUES (?, ?, ?)", dirents)
     db.executemany("INSERT INTO extents(ino, lblock, pblock, nblocks) VALUES (?, ?, ?, ?)", sorted(extents))
     db.executemany("INSERT INTO refs(pblock, nblocks, refcount) VALUES (?, ?, ?)", refs)
-    db.executemany("INSERT INTO csums(pblock, csum) VALUES (?, ?)", ((p, zero_csum) for p in range(data_blocks)))
+    db.executemany("INSERT INTO csums(pblock, nblocks, sums) VALUES (?, ?, ?)",
+                   ((p, min(run, data_blocks - p), pack_sums([zero_sum] * min(run, data_blocks - p)))
+                    for p in range(0, data_blocks, run)))
     schema.set_meta(db, "data_blocks", data_blocks)
     db.execute("COMMIT")
     db.execute("PRAGMA wal_checkpoint(TRUNCATE)")

@@ -17,22 +17,22 @@ import xxhash
 from ..errors import FsError
 from ..meta.schema import BLOCK_SIZE
 from .datafile import DataFile
-from .space import Space, to_signed64
+from .space import Space, pack_sums
 
 BS = BLOCK_SIZE
 _xxh = xxhash.xxh3_64_intdigest
 
 
-def checksums(pblock: int, data) -> list[tuple[int, int]]:
+def checksums(data) -> bytes:
+    """The packed xxh3-64 checksums of each block of data (see space.pack_sums)."""
     mv = memoryview(data)
-    return [(pblock + i, to_signed64(_xxh(mv[i * BS:(i + 1) * BS]))) for i in range(len(mv) // BS)]
+    return pack_sums([_xxh(mv[i:i + BS]) for i in range(0, len(mv), BS)])
 
 
-def verified(pblock: int, data, sums: dict[int, int]) -> list[bool]:
-    """For each block of data (read from pblock on): does it have a checksum, and does it match?"""
+def verified(data, sums: list) -> list[bool]:
+    """For each block of data: does it have a checksum (sums[i], None if not), and does it match?"""
     mv = memoryview(data)
-    return [(want := sums.get(pblock + i)) is not None and to_signed64(_xxh(mv[i * BS:(i + 1) * BS])) == want
-            for i in range(len(mv) // BS)]
+    return [want is not None and _xxh(mv[i * BS:(i + 1) * BS]) == want for i, want in enumerate(sums)]
 
 
 class UncachedIO:
@@ -49,9 +49,9 @@ class UncachedIO:
         """Read physical blocks from the data file and verify each one's checksum."""
         buf = self.data.read(pblock, nblocks)
         sums = self.space.csums(pblock, nblocks)
-        for i, ok in enumerate(verified(pblock, buf, sums)):
+        for i, ok in enumerate(verified(buf, sums)):
             if not ok:
-                what = "has no checksum" if pblock + i not in sums else "checksum mismatch"
+                what = "has no checksum" if sums[i] is None else "checksum mismatch"
                 raise FsError(errno.EIO, f"inode {ino}: data at byte offset {(lblock + i) * BS} is damaged "
                                          f"({what} at physical block {pblock + i})")
         return buf
@@ -79,7 +79,7 @@ class UncachedIO:
 
     def write(self, ino: int, lblock: int, pblock: int, data) -> None:
         self.data.write(pblock, data)
-        self.space.set_csums(checksums(pblock, data))
+        self.space.set_csums(pblock, checksums(data))
 
     def drop_phys(self, pblock: int, nblocks: int) -> None:
         """Physical blocks were released."""

@@ -211,7 +211,7 @@ class SharedCache(_CacheBase):
     def _load_units(self, u0: int, count: int) -> dict:
         """Load `count` consecutive physical units with one data-file read; verify what has a checksum."""
         buf = self.data.read(u0 * UNIT_BLOCKS, count * UNIT_BLOCKS)
-        ok = verified(u0 * UNIT_BLOCKS, buf, self.space.csums(u0 * UNIT_BLOCKS, count * UNIT_BLOCKS))
+        ok = verified(buf, self.space.csums(u0 * UNIT_BLOCKS, count * UNIT_BLOCKS))
         mv = memoryview(buf)
         loaded = {}
         for k in range(count):

@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import errno
 import sqlite3
+import sys
+from array import array
 
 from ..errors import FsError
 from ..meta.schema import get_meta, set_meta
@@ -26,8 +28,40 @@ Run = tuple[int, int]  # (pblock, nblocks)
 SPAN_GAP = 1024         # runs closer than this many blocks are adjusted as one span
 
 
-def to_signed64(x: int) -> int:
-    return x - (1 << 64) if x >= (1 << 63) else x
+
+
+# -- checksum runs ------------------------------------------------------------------------------
+# `csums` rows are runs: (pblock, nblocks, sums), sums = nblocks xxh3-64 values, 8 bytes each,
+# little-endian. Runs never overlap; one write stores one row, however many blocks it wrote.
+
+def pack_sums(values) -> bytes:
+    a = array("Q", values)
+    if sys.byteorder != "little":
+        a.byteswap()
+    return a.tobytes()
+
+
+def unpack_sums(blob: bytes) -> array:
+    a = array("Q")
+    a.frombytes(blob)
+    if sys.byteorder != "little":
+        a.byteswap()
+    return a
+
+
+def read_csums(db: sqlite3.Connection, pblock: int, nblocks: int) -> list:
+    """The checksums of blocks [pblock, pblock+nblocks): one entry per block, None where there is none."""
+    end = pblock + nblocks
+    out: list = [None] * nblocks
+    rows = db.execute("SELECT pblock, nblocks, sums FROM csums WHERE pblock < ? "
+                      "ORDER BY pblock DESC LIMIT 1", (pblock,)).fetchall()
+    rows += db.execute("SELECT pblock, nblocks, sums FROM csums WHERE pblock >= ? AND pblock < ?",
+                       (pblock, end)).fetchall()
+    for p, n, blob in rows:
+        lo, hi = max(p, pblock), min(p + n, end)
+        if lo < hi:
+            out[lo - pblock:hi - pblock] = unpack_sums(blob)[lo - p:hi - p]
+    return out
 
 
 class Space:
@@ -147,7 +181,7 @@ class Space:
 
     def _after_adjust(self, freed: list[Run], lo: int, hi: int) -> None:
         for start, n in _coalesce(freed):
-            self.db.execute("DELETE FROM csums WHERE pblock >= ? AND pblock < ?", (start, start + n))
+            self.clear_csums(start, n)
             self.pending.append((start, n))
             self._on_release(start, n)
         if len(self.fresh):
@@ -267,12 +301,34 @@ class Space:
         self.db.execute("INSERT INTO free(pblock, nblocks) VALUES (?, ?)", (start, n))
 
     # -- checksums ---------------------------------------------------------------------------
-    def set_csums(self, rows: list[tuple[int, int]]) -> None:
-        self.db.executemany("INSERT OR REPLACE INTO csums(pblock, csum) VALUES (?, ?)", rows)
+    def set_csums(self, pblock: int, sums: bytes) -> None:
+        """Record the checksums (packed, see pack_sums) of the blocks from pblock on, as one run."""
+        self.clear_csums(pblock, len(sums) // 8)
+        self.db.execute("INSERT INTO csums(pblock, nblocks, sums) VALUES (?, ?, ?)", (pblock, len(sums) // 8, sums))
 
-    def csums(self, pblock: int, nblocks: int) -> dict[int, int]:
-        return dict(self.db.execute("SELECT pblock, csum FROM csums WHERE pblock >= ? AND pblock < ?",
-                                    (pblock, pblock + nblocks)))
+    def clear_csums(self, pblock: int, nblocks: int) -> None:
+        """Forget the checksums of blocks [pblock, pblock+nblocks); runs reaching outside are cut."""
+        end = pblock + nblocks
+        db = self.db
+        prev = db.execute("SELECT pblock, nblocks, sums FROM csums WHERE pblock < ? ORDER BY pblock DESC LIMIT 1",
+                          (pblock,)).fetchone()
+        last = db.execute("SELECT pblock, nblocks, sums FROM csums WHERE pblock >= ? AND pblock < ? "
+                          "ORDER BY pblock DESC LIMIT 1", (pblock, end)).fetchone()
+        keep = []                                    # (pblock, nblocks, sums) of the pieces outside
+        if prev and prev[0] + prev[1] > pblock:
+            p, n, blob = prev
+            db.execute("UPDATE csums SET nblocks=?, sums=? WHERE pblock=?", (pblock - p, blob[:8 * (pblock - p)], p))
+            last = last or prev
+        if last and last[0] + last[1] > end:
+            p, n, blob = last
+            keep.append((end, p + n - end, blob[8 * (end - p):]))
+        if last and last[0] >= pblock:
+            db.execute("DELETE FROM csums WHERE pblock >= ? AND pblock < ?", (pblock, end))
+        if keep:
+            db.executemany("INSERT INTO csums(pblock, nblocks, sums) VALUES (?, ?, ?)", keep)
+
+    def csums(self, pblock: int, nblocks: int) -> list:
+        return read_csums(self.db, pblock, nblocks)
 
 
 def _coalesce(runs: list[Run]) -> list[Run]:

@@ -13,7 +13,12 @@ Tables (block numbers are physical unless the column says logical):
   extents   (ino, lblock) -> (pblock, nblocks): sorted, non-overlapping runs per file; gaps are holes
   refs      pblock -> (nblocks, refcount): runs of used physical blocks, refcount >= 1, non-overlapping
   free      pblock -> nblocks: free runs below data_blocks, non-overlapping, not adjacent to each other
-  csums     pblock -> xxh3-64 of the block's contents (as a signed 64-bit integer), one per used block
+  csums     pblock -> (nblocks, sums): runs of block checksums, non-overlapping, covering exactly the used
+            blocks; sums holds the xxh3-64 of each block of the run, 8 bytes little-endian apiece (one row
+            per write, not one per block)
+
+Versions: 1 kept one csums row per block (pblock -> csum as a signed 64-bit integer). Opening a version 1
+store upgrades it to version 2 in one transaction (a crash leaves it at version 1, intact).
 """
 from __future__ import annotations
 
@@ -22,7 +27,7 @@ import sqlite3
 
 from ..errors import StoreError
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 BLOCK_SIZE = 4096
 DB_NAME = "meta.db"
 DATA_NAME = "data"
@@ -46,8 +51,9 @@ CREATE TABLE extents(ino INTEGER NOT NULL, lblock INTEGER NOT NULL, pblock INTEG
 CREATE TABLE refs(pblock INTEGER PRIMARY KEY, nblocks INTEGER NOT NULL, refcount INTEGER NOT NULL);
 CREATE TABLE free(pblock INTEGER PRIMARY KEY, nblocks INTEGER NOT NULL);
 CREATE INDEX free_by_size ON free(nblocks, pblock);
-CREATE TABLE csums(pblock INTEGER PRIMARY KEY, csum INTEGER NOT NULL);
+CREATE TABLE csums(pblock INTEGER PRIMARY KEY, nblocks INTEGER NOT NULL, sums BLOB NOT NULL);
 """
+UPGRADE_RUN = 1024      # blocks per checksum run made from version 1 rows
 
 ROOT_INO = 1
 
@@ -140,6 +146,13 @@ def open_store_db(store: str, thorough: bool = False) -> sqlite3.Connection:
     if row is None:
         db.close()
         raise StoreError(f"{store}: metadata database has no schema version; not a reflinkfs store")
+    if row[0] == 1:
+        try:
+            _upgrade_from_1(db)
+        except sqlite3.Error as e:
+            db.close()
+            raise StoreError(f"{store}: cannot upgrade the store from schema version 1: {e}") from None
+        row = (SCHEMA_VERSION,)
     if row[0] != SCHEMA_VERSION:
         db.close()
         raise StoreError(f"{store}: store has schema version {row[0]}, this reflinkfs understands "
@@ -149,6 +162,36 @@ def open_store_db(store: str, thorough: bool = False) -> sqlite3.Connection:
         db.close()
         raise StoreError(f"{store}: unsupported block size {bs[0] if bs else None}")
     return db
+
+
+def _upgrade_from_1(db: sqlite3.Connection) -> None:
+    """Version 1 -> 2: per-block checksum rows become runs (see the module docstring)."""
+    from array import array
+    import sys
+    db.execute("BEGIN IMMEDIATE")
+    try:
+        if db.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()[0] != 1:
+            db.execute("COMMIT")         # another process upgraded it first
+            return
+        db.execute("ALTER TABLE csums RENAME TO csums_v1")
+        db.execute("CREATE TABLE csums(pblock INTEGER PRIMARY KEY, nblocks INTEGER NOT NULL, sums BLOB NOT NULL)")
+        runs: list[tuple[int, array]] = []
+        for p, c in db.execute("SELECT pblock, csum FROM csums_v1 ORDER BY pblock"):
+            if runs and runs[-1][0] + len(runs[-1][1]) == p and len(runs[-1][1]) < UPGRADE_RUN:
+                runs[-1][1].append(c & 0xFFFFFFFFFFFFFFFF)
+            else:
+                runs.append((p, array("Q", [c & 0xFFFFFFFFFFFFFFFF])))
+        if sys.byteorder != "little":
+            for _, a in runs:
+                a.byteswap()
+        db.executemany("INSERT INTO csums(pblock, nblocks, sums) VALUES (?, ?, ?)",
+                       ((p, len(a), a.tobytes()) for p, a in runs))
+        db.execute("DROP TABLE csums_v1")
+        db.execute("UPDATE meta SET value=? WHERE key='schema_version'", (SCHEMA_VERSION,))
+        db.execute("COMMIT")
+    except BaseException:
+        db.execute("ROLLBACK")
+        raise
 
 
 def get_meta(db: sqlite3.Connection, key: str) -> int:

@@ -12,8 +12,10 @@ import pytest
 
 from reflinkfs.check import fsck
 from reflinkfs.cli import main
+from reflinkfs.core.space import Space, pack_sums
 from reflinkfs.core.volume import Volume
 from reflinkfs.errors import FsError
+from reflinkfs.meta import schema
 from reflinkfs.meta.schema import DB_NAME
 
 BS = 4096
@@ -263,7 +265,11 @@ def test_missing_checksum_is_reported_unrepairable(pop):
     s = pop["store"]
     c = pop["c"]
     _, pb, _, _ = pop["maps"][c][0]
-    sql(s, "DELETE FROM csums WHERE pblock=?", (pb + 1,))
+    db = schema.connect(os.path.join(s, DB_NAME))
+    db.execute("BEGIN")
+    Space(db).clear_csums(pb + 1, 1)
+    db.execute("COMMIT")
+    db.close()
     finding = f"checksum: used physical blocks {pb + 1}-{pb + 1} have no checksum"
     assert finding in fsck(s).findings
     rep = fsck(s, repair_=True)
@@ -315,3 +321,35 @@ def test_cli_repair_then_clean(pop, capsys):
     out = capsys.readouterr().out
     assert "repaired: rebuilt refcounts" in out and "repaired: corrected nlink" in out
     assert main(["fsck", "--verify-data", s]) == 0
+
+
+def test_checksums_of_freed_blocks_and_overlapping_runs_are_repaired(pop):
+    s = pop["store"]
+    top = pop["data_blocks"]
+    _, pb_c, _, _ = pop["maps"][pop["c"]][0]
+    os.truncate(os.path.join(s, "data"), (top + 4) * BS)
+    sql(s, "UPDATE meta SET value=? WHERE key='data_blocks'", (top + 4,))
+    sql(s, "UPDATE free SET nblocks = nblocks + 4 WHERE pblock + nblocks = ?", (top,))
+    if not query(s, "SELECT 1 FROM free WHERE pblock + nblocks = ?", (top + 4,)):
+        sql(s, "INSERT INTO free(pblock, nblocks) VALUES (?, 4)", (top,))
+    # a checksum run over free blocks, and a second run overlapping c's first block
+    sql(s, "INSERT INTO csums(pblock, nblocks, sums) VALUES (?, 4, ?)", (top, pack_sums([1, 2, 3, 4])))
+    old = query(s, "SELECT pblock, nblocks, sums FROM csums WHERE pblock <= ? ORDER BY pblock DESC LIMIT 1",
+                (pb_c,))[0]
+    findings = fsck(s).findings
+    assert f"checksum: free physical blocks {top}-{top + 3} still have checksums" in findings
+    sql(s, "INSERT INTO csums(pblock, nblocks, sums) VALUES (?, 2, ?)", (old[0] - 1, pack_sums([0, 0])))
+    assert any("overlap" in f for f in fsck(s).findings)
+    rep, after = repair_and_recheck(s)
+    # 4 of free blocks, 2 of the overlapping run (its block before c's run had no checksum to keep:
+    # it is free; c's first block keeps the sum that matches its bytes)
+    assert "dropped 6 checksums of free blocks or of blocks two runs claimed" in rep.repaired, rep.repaired
+    assert after.findings == [], after.findings
+    files_still_read(s, pop)
+
+
+def test_malformed_checksum_run_is_reported(pop):
+    s = pop["store"]
+    p = query(s, "SELECT pblock FROM csums ORDER BY pblock LIMIT 1")[0][0]
+    sql(s, "UPDATE csums SET sums = substr(sums, 1, 4) WHERE pblock=?", (p,))
+    assert any(f.startswith(f"checksum: the run at physical block {p} is malformed") for f in fsck(s).findings)

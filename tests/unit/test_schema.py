@@ -113,3 +113,41 @@ def test_store_in_use(store):
     finally:
         v.close()
     Volume.open(store).close()    # the lock is released on close
+
+
+def test_version_1_store_is_upgraded_on_open(tmp_path):
+    """A version 1 store (one checksum row per block, signed) opens as version 2 with the same sums."""
+    import xxhash
+    store = str(tmp_path / "v1")
+    mkfs(store)
+    v = Volume.open(store)
+    a = v.create(1, b"a", 0o644, 0, 0).ino
+    data = os.urandom(1500 * 4096 + 100)
+    v.write(a, 0, data)
+    v.commit()
+    v.close()
+    # rewrite it the way version 1 kept checksums
+    db = sqlite3.connect(os.path.join(store, DB_NAME))
+    per_block = []
+    with open(os.path.join(store, DATA_NAME), "rb") as f:
+        for p, n, _ in db.execute("SELECT pblock, nblocks, sums FROM csums").fetchall():
+            for q in range(p, p + n):
+                f.seek(q * 4096)
+                h = xxhash.xxh3_64_intdigest(f.read(4096))
+                per_block.append((q, h - (1 << 64) if h >= 1 << 63 else h))
+    db.executescript("DROP TABLE csums; CREATE TABLE csums(pblock INTEGER PRIMARY KEY, csum INTEGER NOT NULL);")
+    db.executemany("INSERT INTO csums VALUES (?, ?)", per_block)
+    db.execute("UPDATE meta SET value=1 WHERE key='schema_version'")
+    db.commit()
+    db.close()
+    assert any(c < 0 for _, c in per_block)          # the signed encoding is exercised
+    v = Volume.open(store)
+    try:
+        assert schema.get_meta(v.db, "schema_version") == SCHEMA_VERSION == 2
+        rows = v.db.execute("SELECT pblock, nblocks FROM csums ORDER BY pblock").fetchall()
+        assert len(rows) == -(-len(per_block) // schema.UPGRADE_RUN)
+        assert bytes(v.read(a, 0, len(data))) == data       # every block verifies against its upgraded sum
+    finally:
+        v.close()
+    from reflinkfs.check import fsck
+    assert fsck(store, verify_data=True).findings == []

@@ -4,7 +4,7 @@ import os
 
 import pytest
 
-from reflinkfs.core.space import Space
+from reflinkfs.core.space import Space, pack_sums, unpack_sums
 from reflinkfs.errors import FsError
 from reflinkfs.meta import schema
 from reflinkfs.meta.schema import get_meta, mkfs
@@ -64,11 +64,35 @@ def test_incref_and_decref_split_runs(space):
     assert list(space.fresh) == []
 
 
+def csum_rows(sp):
+    return [(p, n, list(unpack_sums(b))) for p, n, b in
+            sp.db.execute("SELECT pblock, nblocks, sums FROM csums ORDER BY pblock")]
+
+
 def test_decref_drops_checksums_of_released_blocks(space):
     space.alloc(3)
-    space.set_csums([(0, 11), (1, 12), (2, 13)])
+    space.set_csums(0, pack_sums([11, 12, 13]))
     space.decref(1, 1)
-    assert space.csums(0, 3) == {0: 11, 2: 13}
+    assert space.csums(0, 3) == [11, None, 13]
+    assert csum_rows(space) == [(0, 1, [11]), (2, 1, [13])]
+
+
+def test_checksums_are_runs_cut_where_a_later_write_overlaps(space):
+    space.alloc(20)
+    space.set_csums(0, pack_sums(range(100, 110)))           # blocks 0-9: one row
+    space.set_csums(10, pack_sums(range(200, 210)))          # blocks 10-19: one row
+    assert csum_rows(space) == [(0, 10, list(range(100, 110))), (10, 10, list(range(200, 210)))]
+    space.set_csums(3, pack_sums([1, 2]))                     # inside the first run: it splits in three
+    space.set_csums(8, pack_sums([7, 7, 7, 7]))               # across the boundary of the two runs
+    assert csum_rows(space) == [(0, 3, [100, 101, 102]), (3, 2, [1, 2]), (5, 3, [105, 106, 107]),
+                                (8, 4, [7, 7, 7, 7]), (12, 8, list(range(202, 210)))]
+    assert space.csums(2, 12) == [102, 1, 2, 105, 106, 107, 7, 7, 7, 7, 202, 203]
+    space.clear_csums(0, 20)
+    assert csum_rows(space) == [] and space.csums(0, 4) == [None] * 4
+    space.set_csums(0, pack_sums(range(20)))
+    space.clear_csums(5, 3)                                   # a hole in the middle of one run
+    assert csum_rows(space) == [(0, 5, [0, 1, 2, 3, 4]), (8, 12, list(range(8, 20)))]
+    assert space.csums(4, 5) == [4, None, None, None, 8]
 
 
 def test_decref_of_unused_blocks_is_an_io_error(space):
