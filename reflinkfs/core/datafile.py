@@ -138,15 +138,6 @@ class DataFile:
         self._settling = self._recent
         self._recent = IntervalSet()
 
-    @property
-    def bytes_written(self) -> int:
-        return self._stats.bytes_written
-
-    def flush(self) -> None:
-        """fdatasync and nothing else: it touches no state of this object, so a worker thread may run it
-        while the owner goes on writing. It shortens the sync() that must still precede a commit."""
-        os.fdatasync(self._fd)
-
     def sync(self) -> None:
         os.fdatasync(self._fd)
         self._stats.syncs += 1

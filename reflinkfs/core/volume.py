@@ -264,20 +264,6 @@ class Volume:
     def dirty(self) -> bool:
         return self._in_txn
 
-    @property
-    def data_written(self) -> int:
-        """Bytes written to the data file since it was opened (to see whether a flush_data kept up)."""
-        return self.data.bytes_written
-
-    def flush_data(self) -> None:
-        """Bring the data file's writes so far to disk without committing anything. Safe to run in a
-        worker thread while the volume goes on serving (it calls fdatasync only), so that the commit()
-        that follows syncs just what was written meanwhile instead of stalling every request."""
-        try:
-            self.data.flush()
-        except OSError as e:
-            raise FsError(errno.EIO, f"cannot sync the data file: {e.strerror}; changes are not committed") from None
-
     def _retry_enospc(self, fn, *args):
         """Run an op; on ENOSPC, commit (which frees released blocks) and try once more."""
         try:

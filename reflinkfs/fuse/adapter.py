@@ -61,23 +61,6 @@ def _errno_of(exc: Exception, op: str, args: tuple) -> int:
     return errno.EIO
 
 
-SETTLE_BYTES = 8 << 20     # data flushes in a worker thread before a commit stop once fewer bytes than
-SETTLE_SECONDS = 5.0       # this arrived during one, or after this long (a writer faster than the disk)
-
-
-async def commit_settled(vol: Volume) -> None:
-    """Commit, with the slow part off the event loop: the data written so far is flushed in a worker
-    thread while other requests are served, again while more than SETTLE_BYTES arrived during a flush,
-    and only then does commit() sync what is left and commit the metadata (durable data first, as ever)."""
-    stop = time.monotonic() + SETTLE_SECONDS
-    while True:
-        before = vol.data_written
-        await trio.to_thread.run_sync(vol.flush_data)
-        if vol.data_written - before <= SETTLE_BYTES or time.monotonic() >= stop:
-            break
-    vol.commit()
-
-
 def _translate(fn):
     """Domain errors become FUSEError(errno) here, at the boundary, and nowhere else."""
     @functools.wraps(fn)
@@ -253,8 +236,7 @@ class Operations(pyfuse3.Operations):
 
     @_translate
     async def fsyncdir(self, fh, datasync):
-        if self.vol.dirty:
-            await commit_settled(self.vol)
+        self.vol.commit()
 
     @_translate
     async def statfs(self, ctx):
@@ -394,8 +376,7 @@ class Operations(pyfuse3.Operations):
     @_translate
     async def fsync(self, fh, datasync):
         self.handle(fh)
-        if self.vol.dirty:
-            await commit_settled(self.vol)
+        self.vol.commit()
 
     async def forget(self, inode_list):
         for ino, nlookup in inode_list:

@@ -97,12 +97,11 @@ def run(opts: MountOptions, ready=None) -> int:
 async def _commit_loop(volume, interval: float) -> None:
     import trio
     from ..errors import FsError
-    from .adapter import commit_settled
     while True:
         await trio.sleep(interval)
         if volume.dirty:
             try:
-                await commit_settled(volume)
+                volume.commit()
             except FsError as e:      # e.g. the backing disk failed a sync: keep serving, try again later
                 log.error("periodic commit failed: %s", e.message)
 
