@@ -19,9 +19,9 @@ from dataclasses import dataclass, field
 import xxhash
 
 from .meta import schema
-from .meta.schema import BLOCK_SIZE, ROOT_INO
+from .meta.schema import BLOCK_SIZE, ROOT_INO, pack_sums, unpack_sums
 from .core.intervals import coverage as _coverage
-from .core.space import pack_sums, read_csums, unpack_sums
+from .core.space import read_csums
 
 BS = BLOCK_SIZE
 

@@ -50,7 +50,6 @@ sys.path.insert(0, ROOT)
 import xxhash  # noqa: E402
 
 from reflinkfs.check import fsck  # noqa: E402
-from reflinkfs.core.space import pack_sums  # noqa: E402
 from reflinkfs.commands import is_mounted  # noqa: E402
 from reflinkfs.meta import schema  # noqa: E402
 
@@ -190,7 +189,7 @@ def build(store: str, nfiles: int, nextents: int, big_extents: int) -> dict:
     db.executemany("INSERT INTO extents(ino, lblock, pblock, nblocks) VALUES (?, ?, ?, ?)", sorted(extents))
     db.executemany("INSERT INTO refs(pblock, nblocks, refcount) VALUES (?, ?, ?)", refs)
     db.executemany("INSERT INTO csums(pblock, nblocks, sums) VALUES (?, ?, ?)",
-                   ((p, min(run, data_blocks - p), pack_sums([zero_sum] * min(run, data_blocks - p)))
+                   ((p, min(run, data_blocks - p), schema.pack_sums([zero_sum] * min(run, data_blocks - p)))
                     for p in range(0, data_blocks, run)))
     schema.set_meta(db, "data_blocks", data_blocks)
     db.execute("COMMIT")

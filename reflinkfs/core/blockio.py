@@ -15,16 +15,16 @@ import errno
 import xxhash
 
 from ..errors import FsError
-from ..meta.schema import BLOCK_SIZE
+from ..meta.schema import BLOCK_SIZE, pack_sums
 from .datafile import DataFile
-from .space import Space, pack_sums
+from .space import Space
 
 BS = BLOCK_SIZE
 _xxh = xxhash.xxh3_64_intdigest
 
 
 def checksums(data) -> bytes:
-    """The packed xxh3-64 checksums of each block of data (see space.pack_sums)."""
+    """The packed xxh3-64 checksums of each block of data (see schema.pack_sums)."""
     mv = memoryview(data)
     return pack_sums([_xxh(mv[i:i + BS]) for i in range(0, len(mv), BS)])
 

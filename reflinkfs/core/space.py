@@ -17,37 +17,18 @@ from __future__ import annotations
 
 import errno
 import sqlite3
-import sys
-from array import array
 
 from ..errors import FsError
-from ..meta.schema import get_meta, set_meta
+from ..meta.schema import get_meta, set_meta, unpack_sums
 from .intervals import IntervalSet, coverage
 
 Run = tuple[int, int]  # (pblock, nblocks)
 SPAN_GAP = 1024         # runs closer than this many blocks are adjusted as one span
 
 
-
-
 # -- checksum runs ------------------------------------------------------------------------------
-# `csums` rows are runs: (pblock, nblocks, sums), sums = nblocks xxh3-64 values, 8 bytes each,
-# little-endian. Runs never overlap; one write stores one row, however many blocks it wrote.
-
-def pack_sums(values) -> bytes:
-    a = array("Q", values)
-    if sys.byteorder != "little":
-        a.byteswap()
-    return a.tobytes()
-
-
-def unpack_sums(blob: bytes) -> array:
-    a = array("Q")
-    a.frombytes(blob)
-    if sys.byteorder != "little":
-        a.byteswap()
-    return a
-
+# `csums` rows are runs: (pblock, nblocks, sums), sums packed by schema.pack_sums. Runs never overlap;
+# one write stores one row, however many blocks it wrote.
 
 def read_csums(db: sqlite3.Connection, pblock: int, nblocks: int) -> list:
     """The checksums of blocks [pblock, pblock+nblocks): one entry per block, None where there is none."""

@@ -24,6 +24,8 @@ from __future__ import annotations
 
 import os
 import sqlite3
+import sys
+from array import array
 
 from ..errors import StoreError
 
@@ -33,6 +35,7 @@ DB_NAME = "meta.db"
 DATA_NAME = "data"
 LOCK_NAME = "lock"
 
+CSUMS_TABLE = "CREATE TABLE csums(pblock INTEGER PRIMARY KEY, nblocks INTEGER NOT NULL, sums BLOB NOT NULL)"
 SCHEMA = """
 CREATE TABLE meta(key TEXT PRIMARY KEY, value) WITHOUT ROWID;
 CREATE TABLE inodes(
@@ -51,8 +54,7 @@ CREATE TABLE extents(ino INTEGER NOT NULL, lblock INTEGER NOT NULL, pblock INTEG
 CREATE TABLE refs(pblock INTEGER PRIMARY KEY, nblocks INTEGER NOT NULL, refcount INTEGER NOT NULL);
 CREATE TABLE free(pblock INTEGER PRIMARY KEY, nblocks INTEGER NOT NULL);
 CREATE INDEX free_by_size ON free(nblocks, pblock);
-CREATE TABLE csums(pblock INTEGER PRIMARY KEY, nblocks INTEGER NOT NULL, sums BLOB NOT NULL);
-"""
+""" + CSUMS_TABLE + ";"
 UPGRADE_RUN = 1024      # blocks per checksum run made from version 1 rows
 
 ROOT_INO = 1
@@ -164,28 +166,39 @@ def open_store_db(store: str, thorough: bool = False) -> sqlite3.Connection:
     return db
 
 
+def pack_sums(values) -> bytes:
+    """The `sums` BLOB of a csums row: one xxh3-64 value per block, 8 bytes little-endian each."""
+    a = array("Q", values)
+    if sys.byteorder != "little":
+        a.byteswap()
+    return a.tobytes()
+
+
+def unpack_sums(blob: bytes) -> array:
+    a = array("Q")
+    a.frombytes(blob)
+    if sys.byteorder != "little":
+        a.byteswap()
+    return a
+
+
 def _upgrade_from_1(db: sqlite3.Connection) -> None:
     """Version 1 -> 2: per-block checksum rows become runs (see the module docstring)."""
-    from array import array
-    import sys
     db.execute("BEGIN IMMEDIATE")
     try:
         if db.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()[0] != 1:
             db.execute("COMMIT")         # another process upgraded it first
             return
         db.execute("ALTER TABLE csums RENAME TO csums_v1")
-        db.execute("CREATE TABLE csums(pblock INTEGER PRIMARY KEY, nblocks INTEGER NOT NULL, sums BLOB NOT NULL)")
-        runs: list[tuple[int, array]] = []
+        db.execute(CSUMS_TABLE)
+        runs: list[tuple[int, list[int]]] = []
         for p, c in db.execute("SELECT pblock, csum FROM csums_v1 ORDER BY pblock"):
             if runs and runs[-1][0] + len(runs[-1][1]) == p and len(runs[-1][1]) < UPGRADE_RUN:
                 runs[-1][1].append(c & 0xFFFFFFFFFFFFFFFF)
             else:
-                runs.append((p, array("Q", [c & 0xFFFFFFFFFFFFFFFF])))
-        if sys.byteorder != "little":
-            for _, a in runs:
-                a.byteswap()
+                runs.append((p, [c & 0xFFFFFFFFFFFFFFFF]))
         db.executemany("INSERT INTO csums(pblock, nblocks, sums) VALUES (?, ?, ?)",
-                       ((p, len(a), a.tobytes()) for p, a in runs))
+                       ((p, len(sums), pack_sums(sums)) for p, sums in runs))
         db.execute("DROP TABLE csums_v1")
         db.execute("UPDATE meta SET value=? WHERE key='schema_version'", (SCHEMA_VERSION,))
         db.execute("COMMIT")

@@ -12,11 +12,11 @@ import pytest
 
 from reflinkfs.check import fsck
 from reflinkfs.cli import main
-from reflinkfs.core.space import Space, pack_sums
+from reflinkfs.core.space import Space
 from reflinkfs.core.volume import Volume
 from reflinkfs.errors import FsError
 from reflinkfs.meta import schema
-from reflinkfs.meta.schema import DB_NAME
+from reflinkfs.meta.schema import DB_NAME, pack_sums
 
 BS = 4096
 

@@ -4,7 +4,8 @@ import os
 
 import pytest
 
-from reflinkfs.core.space import Space, pack_sums, unpack_sums
+from reflinkfs.core.space import Space
+from reflinkfs.meta.schema import pack_sums, unpack_sums
 from reflinkfs.errors import FsError
 from reflinkfs.meta import schema
 from reflinkfs.meta.schema import get_meta, mkfs
