@@ -107,6 +107,15 @@ def lock_holders(store) -> list[int]:
     return pids
 
 
+def pid_alive(pid: int) -> bool:
+    """Whether process pid exists and is not a zombie (a killed daemon that its parent has not reaped)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
 def store_of(mountpoint: str) -> str:
     mnt = os.path.realpath(mountpoint)
     try:

@@ -32,7 +32,7 @@ import subprocess
 import sys
 import time
 
-from reflinkfs.commands import is_mounted, lock_holders
+from reflinkfs.commands import is_mounted, lock_holders, pid_alive
 
 PAGE = os.sysconf("SC_PAGE_SIZE")
 MiB = 1 << 20
@@ -203,7 +203,7 @@ class ReflinkfsMount:
         pids = set(lock_holders(self.store))       # only the holder of the store lock is ever signalled
         _wait_gone(pids, 5 if forced else 30)     # after a clean unmount the daemon flushes and exits
         for sig in (signal.SIGTERM, signal.SIGKILL):
-            for pid in [p for p in pids if _alive(p)]:
+            for pid in [p for p in pids if pid_alive(p)]:
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, sig)
                 forced.append(f"{signal.Signals(sig).name} to daemon {pid}")
@@ -213,16 +213,8 @@ class ReflinkfsMount:
 
 def _wait_gone(pids, timeout: float) -> None:
     end = time.monotonic() + timeout
-    while any(_alive(p) for p in pids) and time.monotonic() < end:
+    while any(pid_alive(p) for p in pids) and time.monotonic() < end:
         time.sleep(0.05)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except FileNotFoundError:
-        return False
 
 
 # -- the mapper: mapped reads in a child process ---------------------------------------------------

@@ -27,7 +27,7 @@ from pathlib import Path
 
 import pytest
 
-from reflinkfs.commands import is_mounted, lock_holders
+from reflinkfs.commands import is_mounted, lock_holders, pid_alive
 
 MOUNT_TIMEOUT = 30.0
 UMOUNT_TIMEOUT = 60.0
@@ -76,19 +76,6 @@ def need_fuse() -> None:
         if os.environ.get("REFLINKFS_REQUIRE_FUSE") == "1":
             pytest.fail(f"REFLINKFS_REQUIRE_FUSE=1 but {reason}")
         pytest.skip(reason)
-
-
-
-
-
-
-
-def pid_alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except FileNotFoundError:
-        return False
 
 
 def wait_for(cond, timeout: float, what: str, interval: float = 0.02) -> None:
