@@ -17,12 +17,25 @@ such "settling" blocks uses O_DIRECT, which waits for their writeback, and then 
 The last block written is remembered (`last_block`): a write that ends inside a block is very often
 followed by one that starts in that block (the kernel splits a direct_io write wherever the caller's
 buffer crosses a page), and merging with it then needs no read at all.
+
+Writes leave the event loop: `write()` queues the caller's buffer (which must not change afterwards) and
+returns; one writer thread copies the queue into the data file in order. Until a queued write is in
+the file, `read()` lays it over what the file holds, so every read sees every write. `sync()` waits for
+the queue to empty and then fdatasyncs; it may run in another thread while the loop goes on queueing
+(`unsynced` says whether a completed sync covers every write). The queue is bounded: past BACKLOG bytes,
+`room()` is False and callers should wait (`wait_room`), and past twice that `write()` itself waits.
+A failed write stops the writer with the failed buffer still at the head of the queue (reads still see
+it); `drain()` retries it in order and raises the error if it fails again, so nothing queued after it
+can be overtaken. The data file also grows ahead of need in the writer (`ensure_size`), so the loop
+only waits for an fallocate when the writer has fallen a whole step behind.
 """
 from __future__ import annotations
 
+import collections
 import errno
 import mmap
 import os
+import threading
 from dataclasses import dataclass
 
 from ..errors import FsError
@@ -30,7 +43,8 @@ from ..meta.schema import BLOCK_SIZE
 from .intervals import IntervalSet
 
 DROP_EVERY = 32 << 20
-GROW_STEP = 16 << 20
+GROW_STEP = 16 << 20                # the least the data file grows by; it grows by 1/8 of its size if more
+BACKLOG = 64 << 20                  # bytes queued for the writer before room() turns False
 
 
 @dataclass
@@ -56,12 +70,32 @@ class DataFile:
                 self._dfd = -1
         self._stats = DataFileStats(direct_io=self._dfd >= 0)
         self._buf: mmap.mmap | None = None
+        self._last: tuple[int, bytes] | None = None   # (pblock, contents) of the last block written
+        # shared with the writer thread, under _cond:
+        self._cond = threading.Condition()
+        self._queue: collections.deque = collections.deque()   # (pblock, data), oldest first; head in flight
+        self._backlog = 0                  # bytes in _queue
+        self._cover = IntervalSet()        # covers every queued block (exactly, whenever the queue empties)
+        self._error: OSError | None = None  # the head failed: the writer waits for drain()
+        self._seq = 0                      # writes queued so far
+        self._durable = 0                  # writes that a completed sync made durable
         self._recent = IntervalSet()      # blocks written since the last drop: dirty in the page cache
         self._settling = IntervalSet()    # blocks whose writeback the last drop started
-        self._last: tuple[int, bytes] | None = None   # (pblock, contents) of the last block written
         self._since_drop = 0
+        self._grow_to = 0                  # bytes the writer should grow the file to, 0: none asked
+        self._stop = False
+        self._grow_lock = threading.Lock()  # one fallocate at a time; _size changes under it
+        self._size = os.fstat(self._fd).st_size
+        self._writer = threading.Thread(target=self._run, name="reflinkfs-data-writer", daemon=True)
+        self._writer.start()
 
     def close(self) -> None:
+        """Stop the writer and close the file. What is still queued is dropped: call sync() first."""
+        with self._cond:
+            self._stop = True
+            self._cond.notify_all()
+        if self._writer.is_alive() and self._writer is not threading.current_thread():
+            self._writer.join()
         for fd in (self._fd, self._dfd):
             if fd >= 0:
                 os.close(fd)
@@ -91,16 +125,22 @@ class DataFile:
         if nblocks == 1 and self._last is not None and self._last[0] == pblock:
             self._stats.last_block_hits += 1
             return self._last[1]
-        if _overlaps(self._recent, pblock, end):
+        with self._cond:       # taken before the file is read: what leaves the queue later is in the file
+            queued = self._queued(pblock, end)
+            recent = _overlaps(self._recent, pblock, end)
+        if recent:
             self._drop_pages()            # start their writeback; the O_DIRECT read below waits for it
         try:
             if self._dfd >= 0:
                 buf = self._aligned(nbytes)
                 got = os.preadv(self._dfd, [memoryview(buf)[:nbytes]], pos)
                 data = buf[:got]
-                if _overlaps(self._settling, pblock, end):
+                with self._cond:
+                    settled = _overlaps(self._settling, pblock, end)
+                    if settled:
+                        self._settling.remove(pblock, end)
+                if settled:
                     os.posix_fadvise(self._fd, pos, nbytes, os.POSIX_FADV_DONTNEED)   # now clean: drop
-                    self._settling.remove(pblock, end)
             else:
                 data = os.pread(self._fd, nbytes, pos)
                 os.posix_fadvise(self._fd, pos, nbytes, os.POSIX_FADV_DONTNEED)
@@ -110,60 +150,188 @@ class DataFile:
         self._stats.bytes_read += len(data)
         if len(data) < nbytes:
             data = data + bytes(nbytes - len(data))
+        if queued:
+            out = bytearray(data)
+            for qb, qdata in queued:          # oldest first, so the newest write of a block wins
+                s, e = max(qb, pblock), min(qb + len(qdata) // BLOCK_SIZE, end)
+                out[(s - pblock) * BLOCK_SIZE:(e - pblock) * BLOCK_SIZE] = \
+                    memoryview(qdata)[(s - qb) * BLOCK_SIZE:(e - qb) * BLOCK_SIZE]
+            data = bytes(out)
         return data
 
+    def _queued(self, start: int, end: int) -> list:
+        """The queued writes that overlap blocks [start, end), oldest first. Under _cond."""
+        if not self._queue or not _overlaps(self._cover, start, end):
+            return []
+        found = [(qb, d) for qb, d in self._queue if qb < end and qb + len(d) // BLOCK_SIZE > start]
+        if not found:                         # the cover had grown stale: make it exact again
+            self._cover.clear()
+            for qb, d in self._queue:
+                self._cover.add(qb, qb + len(d) // BLOCK_SIZE)
+        return found
+
     def write(self, pblock: int, data) -> None:
-        """Write whole blocks at pblock. `data` length must be a multiple of BLOCK_SIZE."""
+        """Queue whole blocks for writing at pblock (`data` length a multiple of BLOCK_SIZE). The caller
+        must not change `data` afterwards. Errors surface at drain() or sync()."""
         nbytes = len(data)
         assert nbytes % BLOCK_SIZE == 0, nbytes
-        pos = pblock * BLOCK_SIZE
-        try:
-            done = os.pwrite(self._fd, data, pos)
-        except OSError as e:
-            raise FsError(e.errno or errno.EIO, f"data file write failed at block {pblock}: {e.strerror}")
-        if done != nbytes:
-            raise FsError(errno.ENOSPC, f"short write to the data file at block {pblock}")
-        last = pblock + nbytes // BLOCK_SIZE - 1
-        self._last = (last, bytes(memoryview(data)[nbytes - BLOCK_SIZE:]))
-        self._recent.add(pblock, last + 1)
-        self._since_drop += nbytes
-        if self._since_drop >= DROP_EVERY:
-            self._drop_pages()
+        end = pblock + nbytes // BLOCK_SIZE
+        with self._cond:
+            while self._backlog >= 2 * BACKLOG and self._error is None:
+                self._cond.wait()
+            if self._error is not None and self._backlog >= 2 * BACKLOG:
+                self._drain_locked()            # the writer is stuck on an error: retry it here, or fail
+            self._queue.append((pblock, data))
+            self._backlog += nbytes
+            self._cover.add(pblock, end)
+            self._recent.add(pblock, end)
+            self._seq += 1
+            self._cond.notify_all()
+        self._last = (end - 1, bytes(memoryview(data)[nbytes - BLOCK_SIZE:]))
         self._stats.writes += 1
         self._stats.bytes_written += nbytes
 
+    def room(self) -> bool:
+        """Whether the queue has room, so that a write now does not wait for the writer."""
+        return self._backlog < BACKLOG or self._error is not None
+
+    def wait_room(self, timeout: float | None = None) -> bool:
+        """Wait (in a thread other than the loop's) until room() is True."""
+        with self._cond:
+            return self._cond.wait_for(self.room, timeout)
+
+    @property
+    def unsynced(self) -> bool:
+        """Whether anything written is not yet made durable by a completed sync()."""
+        return self._durable != self._seq
+
+    def _pwrite(self, pblock: int, data) -> None:
+        done = os.pwrite(self._fd, data, pblock * BLOCK_SIZE)
+        if done != len(data):
+            raise OSError(errno.ENOSPC, f"short write to the data file at block {pblock}")
+
+    def _run(self) -> None:
+        """The writer thread: the queue, head first, into the file; growth when asked."""
+        while True:
+            with self._cond:
+                while not self._stop and (self._error is not None or not (self._queue or self._grow_to)):
+                    self._cond.wait()
+                if self._stop:
+                    return
+                grow, self._grow_to = self._grow_to, 0
+                head = self._queue[0] if self._queue else None
+            if grow:
+                try:
+                    self._grow(grow)
+                except OSError:
+                    pass                      # the loop grows it itself when it must, and reports why not
+            if head is None:
+                continue
+            try:
+                self._pwrite(*head)
+            except OSError as e:
+                with self._cond:
+                    self._error = e
+                    self._cond.notify_all()
+                continue
+            with self._cond:
+                self._done_head()
+                drop = self._since_drop >= DROP_EVERY
+            if drop:
+                self._drop_pages()
+
+    def _done_head(self) -> None:
+        """The head of the queue is in the file. Under _cond."""
+        _, data = self._queue.popleft()
+        self._backlog -= len(data)
+        self._since_drop += len(data)
+        if not self._queue:
+            self._cover.clear()
+        self._cond.notify_all()
+
+    def drain(self) -> None:
+        """Wait until everything queued is in the file (not yet durable: see sync). Raises the OSError of
+        a write that failed twice; what was queued after it stays queued."""
+        with self._cond:
+            self._drain_locked()
+
+    def _drain_locked(self) -> None:
+        while self._queue:
+            if self._error is not None:
+                try:
+                    self._pwrite(*self._queue[0])
+                except OSError as e:
+                    self._error = e
+                    raise FsError(e.errno or errno.EIO,
+                                  f"data file write failed at block {self._queue[0][0]}: {e.strerror}") from None
+                self._error = None
+                self._done_head()
+            else:
+                self._cond.wait()
+
     def _drop_pages(self) -> None:
         os.posix_fadvise(self._fd, 0, 0, os.POSIX_FADV_DONTNEED)
-        self._since_drop = 0
-        self._settling = self._recent
-        self._recent = IntervalSet()
+        with self._cond:
+            self._since_drop = 0
+            self._settling = self._recent
+            self._recent = IntervalSet()
 
     def sync(self) -> None:
+        """Make everything written so far durable. May run in a thread other than the loop's."""
+        with self._cond:
+            mark = self._seq
+            self._drain_locked()
         os.fdatasync(self._fd)
+        with self._cond:
+            self._durable = max(self._durable, mark)
         self._stats.syncs += 1
         self._drop_pages()
-        self._settling.clear()       # synced, so the drop just made freed them all
+        with self._cond:
+            self._settling.clear()       # synced, so the drop just made freed them all
         self._last = None            # from here on the file itself is the only truth
+
+    def _step(self) -> int:
+        return max(GROW_STEP, self._size // 8 // BLOCK_SIZE * BLOCK_SIZE)
 
     def ensure_size(self, nblocks: int) -> None:
         """Grow the file to hold nblocks blocks, reserving the space (fallocate), so that a buffered
-        write can never fail later, at writeback, for want of space. Grows by at least GROW_STEP."""
-        have = os.fstat(self._fd).st_size
+        write can never fail later, at writeback, for want of space. Grows by at least GROW_STEP; once
+        the need comes within half a step of the end, the writer grows it by another step."""
         want = nblocks * BLOCK_SIZE
-        if have >= want:
+        if want <= self._size:
+            if want > self._size - self._step() // 2 and not self._grow_to:
+                with self._cond:
+                    self._grow_to = self._size + self._step()
+                    self._cond.notify_all()
             return
-        for target in (max(want, have + GROW_STEP), want):
-            try:
-                os.posix_fallocate(self._fd, have, target - have)
+        with self._grow_lock:
+            have = self._size = os.fstat(self._fd).st_size
+            if have >= want:
                 return
-            except OSError as e:
-                if e.errno == errno.ENOSPC and target != want:
-                    continue
-                if e.errno in (errno.EOPNOTSUPP, errno.EINVAL):
-                    os.ftruncate(self._fd, want)   # no fallocate here: grow sparsely
+            for target in (max(want, have + self._step()), want):
+                try:
+                    self._grow_locked(have, target)
                     return
-                raise FsError(e.errno or errno.EIO, "no space left for the store's data file"
-                              if e.errno == errno.ENOSPC else f"cannot grow the data file: {e.strerror}")
+                except OSError as e:
+                    if e.errno == errno.ENOSPC and target != want:
+                        continue
+                    raise FsError(e.errno or errno.EIO, "no space left for the store's data file"
+                                  if e.errno == errno.ENOSPC else f"cannot grow the data file: {e.strerror}")
+
+    def _grow(self, target: int) -> None:
+        with self._grow_lock:
+            have = self._size = os.fstat(self._fd).st_size
+            if have < target:
+                self._grow_locked(have, target)
+
+    def _grow_locked(self, have: int, target: int) -> None:
+        try:
+            os.posix_fallocate(self._fd, have, target - have)
+        except OSError as e:
+            if e.errno not in (errno.EOPNOTSUPP, errno.EINVAL):
+                raise
+            os.ftruncate(self._fd, target)   # no fallocate here: grow sparsely
+        self._size = target
 
 
 def _overlaps(intervals: IntervalSet, start: int, end: int) -> bool:

@@ -249,16 +249,23 @@ class Volume:
         """Make everything done so far durable: data first, then the metadata that refers to it."""
         if not self._in_txn:
             return
-        try:
-            self.data.sync()
-        except OSError as e:   # the transaction stays open: nothing that refers to unsynced data commits
-            raise FsError(errno.EIO, f"cannot sync the data file: {e.strerror}; changes are not committed") from None
+        if self.data.unsynced:       # else sync_data() (in a thread) already covered every write
+            self.sync_data()
         self.space.on_commit()
         self.db.execute("COMMIT")
         self._in_txn = False
         self.space.after_commit()
         self.last_commit = time.monotonic()
         self.commits += 1
+
+    def sync_data(self) -> None:
+        """The first half of commit(): make the data written so far durable. It touches only the data
+        file, so it may run in another thread while the loop goes on serving; commit() then syncs again
+        only what was written meanwhile."""
+        try:
+            self.data.sync()
+        except OSError as e:   # the transaction stays open: nothing that refers to unsynced data commits
+            raise FsError(errno.EIO, f"cannot sync the data file: {e.strerror}; changes are not committed") from None
 
     @property
     def dirty(self) -> bool:

@@ -1,0 +1,144 @@
+"""The data file's writer thread: queued writes are seen by reads, land in order, and surface errors.
+
+A writer that can be held (`Gate`) makes the in-between states deterministic: while it is held, every
+write sits in the queue and the file itself still has the old bytes.
+"""
+from __future__ import annotations
+
+import errno
+import os
+import threading
+import time
+
+import pytest
+
+from reflinkfs.core import datafile
+from reflinkfs.core.datafile import DataFile
+from reflinkfs.errors import FsError
+
+BS = 4096
+
+
+def blocks(*fill: int) -> bytes:
+    return b"".join(bytes([f]) * BS for f in fill)
+
+
+def on_disk(df: DataFile, pblock: int, n: int) -> bytes:
+    return os.pread(df._fd, n * BS, pblock * BS)
+
+
+class Gate:
+    """Wraps DataFile._pwrite: the writer thread blocks until opened; the failures queued in `fail` are
+    raised first, one per call (from any thread)."""
+
+    def __init__(self, df: DataFile):
+        self.df, self.real = df, df._pwrite
+        self.open = threading.Event()
+        self.fail: list[int] = []
+        self.calls: list[int] = []
+        df._pwrite = self
+
+    def __call__(self, pblock: int, data) -> None:
+        if threading.current_thread() is self.df._writer:
+            self.open.wait()
+        self.calls.append(pblock)
+        if self.fail:
+            raise OSError(self.fail.pop(0), os.strerror(errno.EIO))
+        self.real(pblock, data)
+
+
+@pytest.fixture
+def df(tmp_path):
+    path = tmp_path / "data"
+    path.write_bytes(b"")
+    d = DataFile(str(path))
+    d.ensure_size(64)
+    yield d
+    d.close()
+
+
+def test_reads_see_queued_writes_newest_last_and_the_file_gets_them_in_order(df):
+    gate = Gate(df)
+    df.write(0, blocks(1, 1, 1, 1))
+    df.write(2, blocks(2))              # overlaps the first write
+    df.write(3, blocks(3, 3))           # overlaps it and runs past it
+    assert df.unsynced
+    want = blocks(1, 1, 2, 3, 3, 0)
+    assert df.read(0, 6) == want
+    assert df.read(2, 1) == blocks(2)   # a read inside one queued write
+    assert on_disk(df, 0, 6) == bytes(6 * BS), "the writer was held: nothing may be in the file yet"
+    assert df._backlog == 7 * BS
+    gate.open.set()
+    df.sync()
+    assert not df.unsynced
+    assert gate.calls == [0, 2, 3]
+    assert on_disk(df, 0, 6) == want
+    assert df.read(0, 6) == want
+    assert df._backlog == 0 and not df._queue
+
+
+def test_a_failed_write_is_retried_in_order_and_nothing_overtakes_it(df):
+    gate = Gate(df)
+    gate.fail = [errno.EIO]                    # the writer's first write fails
+    df.write(5, blocks(7))
+    df.write(5, blocks(8))                     # the same block again: must land after the failed one
+    gate.open.set()
+    deadline = time.monotonic() + 10
+    while df._error is None and time.monotonic() < deadline:
+        time.sleep(0.001)
+    assert df._error is not None and len(df._queue) == 2, "the writer stops at the failed head"
+    assert df.read(5, 1) == blocks(8), "reads still see the queued writes"
+    df.sync()                                  # retries the head here, then lets the writer go on
+    assert on_disk(df, 5, 1) == blocks(8)
+    assert gate.calls == [5, 5, 5]
+
+
+def test_a_write_that_keeps_failing_fails_the_sync_and_stays_queued(df):
+    gate = Gate(df)
+    gate.fail = [errno.EIO, errno.EIO]         # the writer's attempt and the sync's retry
+    df.write(1, blocks(4))
+    gate.open.set()
+    with pytest.raises(FsError) as e:
+        df.sync()
+    assert e.value.errno == errno.EIO and "block 1" in e.value.message
+    assert df.unsynced and df.read(1, 1) == blocks(4)
+    df.sync()                                  # the disk came back: the same bytes land
+    assert on_disk(df, 1, 1) == blocks(4) and not df.unsynced
+
+
+def test_room_turns_false_past_the_backlog_and_comes_back_once_written(df, monkeypatch):
+    monkeypatch.setattr(datafile, "BACKLOG", 2 * BS)
+    gate = Gate(df)
+    df.write(0, blocks(1))
+    assert df.room()
+    df.write(1, blocks(1))
+    assert not df.room()
+    assert not df.wait_room(timeout=0.05)
+    gate.open.set()
+    assert df.wait_room(timeout=10)
+    df.sync()
+
+
+def test_a_sync_that_began_before_a_write_does_not_cover_it(df):
+    gate = Gate(df)
+    df.write(0, blocks(1))
+    t = threading.Thread(target=df.sync)
+    t.start()
+    time.sleep(0.05)                           # the sync is waiting for the held writer
+    df.write(1, blocks(2))
+    gate.open.set()
+    t.join()
+    assert df.unsynced, "the second write came after the sync took its mark"
+    df.sync()
+    assert not df.unsynced and on_disk(df, 0, 2) == blocks(1, 2)
+
+
+def test_the_writer_grows_the_file_ahead_of_need(df):
+    size = df._size
+    df.ensure_size(size // BS)                 # within half a step of the end: ask the writer for more
+    deadline = time.monotonic() + 10
+    while os.fstat(df._fd).st_size <= size and time.monotonic() < deadline:
+        time.sleep(0.001)
+    assert os.fstat(df._fd).st_size == size + datafile.GROW_STEP
+    df.ensure_size(1)                          # far from the end: nothing asked
+    assert df._grow_to == 0
