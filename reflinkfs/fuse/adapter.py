@@ -96,6 +96,8 @@ class Operations(pyfuse3.Operations):
         self._handles: dict[int, Handle] = {}
         self._next_fh = 1
         self._removed_at = -FORGET_WINDOW      # monotonic time of the last unlink/rmdir/rename
+        self._commit_lock = trio.Lock()
+        self._syncing: trio.Event | None = None   # set while a commit syncs the data file in a thread
 
     # -- helpers -------------------------------------------------------------------------------
     @staticmethod
@@ -131,6 +133,28 @@ class Operations(pyfuse3.Operations):
         stop = min(self._removed_at + FORGET_WINDOW, time.monotonic() + FORGET_WAIT)
         while time.monotonic() < stop and self.vol.unlinked_unforgotten():
             await trio.sleep(0.001)
+
+    async def commit(self) -> None:
+        """Commit, with the slow half (the data file's fdatasync) in a thread: reads, lookups and the rest
+        go on meanwhile, and writes wait for it, so that the commit after it has nothing left to sync."""
+        async with self._commit_lock:
+            if not self.vol.dirty:
+                return
+            self._syncing = trio.Event()
+            try:
+                await trio.to_thread.run_sync(self.vol.sync_data)
+            finally:
+                done, self._syncing = self._syncing, None
+                done.set()
+            self.vol.commit()
+
+    async def _write_room(self) -> None:
+        """Before a write: wait, without holding up other requests, for a commit's sync to finish and for
+        room in the data file's write queue."""
+        while self._syncing is not None:
+            await self._syncing.wait()
+        if not self.vol.data.room():
+            await trio.to_thread.run_sync(self.vol.data.wait_room)
 
     def _new_handle(self, ino: int, flags: int, pid: int) -> int:
         fh = self._next_fh
@@ -236,7 +260,7 @@ class Operations(pyfuse3.Operations):
 
     @_translate
     async def fsyncdir(self, fh, datasync):
-        self.vol.commit()
+        await self.commit()
 
     @_translate
     async def statfs(self, ctx):
@@ -355,6 +379,7 @@ class Operations(pyfuse3.Operations):
 
     @_translate
     async def write(self, fh, off, buf):
+        await self._write_room()
         h = self.handle(fh)
         try:
             return self.vol.write(h.ino, self.vol.getattr(h.ino).size if h.append else off, buf)
@@ -376,7 +401,7 @@ class Operations(pyfuse3.Operations):
     @_translate
     async def fsync(self, fh, datasync):
         self.handle(fh)
-        self.vol.commit()
+        await self.commit()
 
     async def forget(self, inode_list):
         for ino, nlookup in inode_list:

@@ -81,7 +81,7 @@ def run(opts: MountOptions, ready=None) -> int:
             async def main():
                 async with trio.open_nursery() as nursery:
                     ranges.nursery = nursery
-                    nursery.start_soon(_commit_loop, volume, opts.commit_interval)
+                    nursery.start_soon(_commit_loop, ops, opts.commit_interval)
                     nursery.start_soon(_signals, nursery)
                     await pyfuse3.main()
                     nursery.cancel_scope.cancel()
@@ -94,14 +94,14 @@ def run(opts: MountOptions, ready=None) -> int:
     return 0
 
 
-async def _commit_loop(volume, interval: float) -> None:
+async def _commit_loop(ops, interval: float) -> None:
     import trio
     from ..errors import FsError
     while True:
         await trio.sleep(interval)
-        if volume.dirty:
+        if ops.vol.dirty:
             try:
-                volume.commit()
+                await ops.commit()
             except FsError as e:      # e.g. the backing disk failed a sync: keep serving, try again later
                 log.error("periodic commit failed: %s", e.message)
 
