@@ -73,7 +73,8 @@ class DataFile:
         self._last: tuple[int, bytes] | None = None   # (pblock, contents) of the last block written
         # shared with the writer thread, under _cond:
         self._cond = threading.Condition()
-        self._queue: collections.deque = collections.deque()   # (pblock, data), oldest first; head in flight
+        self._queue: collections.deque = collections.deque()   # (pblock, data) or (None, Barrier), oldest
+                                                               # first; the head is in flight
         self._backlog = 0                  # bytes in _queue
         self._cover = IntervalSet()        # covers every queued block (exactly, whenever the queue empties)
         self._error: OSError | None = None  # the head failed: the writer waits for drain()
@@ -163,11 +164,13 @@ class DataFile:
         """The queued writes that overlap blocks [start, end), oldest first. Under _cond."""
         if not self._queue or not _overlaps(self._cover, start, end):
             return []
-        found = [(qb, d) for qb, d in self._queue if qb < end and qb + len(d) // BLOCK_SIZE > start]
+        found = [(qb, d) for qb, d in self._queue
+                 if qb is not None and qb < end and qb + len(d) // BLOCK_SIZE > start]
         if not found:                         # the cover had grown stale: make it exact again
             self._cover.clear()
             for qb, d in self._queue:
-                self._cover.add(qb, qb + len(d) // BLOCK_SIZE)
+                if qb is not None:
+                    self._cover.add(qb, qb + len(d) // BLOCK_SIZE)
         return found
 
     def write(self, pblock: int, data) -> None:
@@ -191,6 +194,20 @@ class DataFile:
         self._stats.writes += 1
         self._stats.bytes_written += nbytes
 
+    def barrier(self, fn) -> "Barrier":
+        """Queue fn() to run in the writer after every write queued so far and before every later one.
+        Wait for it with wait_for()."""
+        b = Barrier(fn)
+        with self._cond:
+            self._queue.append((None, b))
+            self._cond.notify_all()
+        return b
+
+    def wait_for(self, barrier: "Barrier") -> None:
+        """Wait until barrier has run. Raises like drain() if it, or a write before it, keeps failing."""
+        with self._cond:
+            self._drain_locked(lambda: barrier.done)
+
     def room(self) -> bool:
         """Whether the queue has room, so that a write now does not wait for the writer."""
         return self._backlog < BACKLOG or self._error is not None
@@ -205,7 +222,10 @@ class DataFile:
         """Whether anything written is not yet made durable by a completed sync()."""
         return self._durable != self._seq
 
-    def _pwrite(self, pblock: int, data) -> None:
+    def _apply(self, pblock: int | None, data) -> None:
+        if pblock is None:
+            data.fn()                         # a barrier
+            return
         done = os.pwrite(self._fd, data, pblock * BLOCK_SIZE)
         if done != len(data):
             raise OSError(errno.ENOSPC, f"short write to the data file at block {pblock}")
@@ -228,8 +248,10 @@ class DataFile:
             if head is None:
                 continue
             try:
-                self._pwrite(*head)
-            except OSError as e:
+                self._apply(*head)
+            except Exception as e:          # the writer must not die: stop here, drain() retries
+                if not isinstance(e, OSError):
+                    e = OSError(errno.EIO, f"internal error in the data file's writer: {e!r}")
                 with self._cond:
                     self._error = e
                     self._cond.notify_all()
@@ -242,9 +264,12 @@ class DataFile:
 
     def _done_head(self) -> None:
         """The head of the queue is in the file. Under _cond."""
-        _, data = self._queue.popleft()
-        self._backlog -= len(data)
-        self._since_drop += len(data)
+        pblock, data = self._queue.popleft()
+        if pblock is None:
+            data.done = True
+        else:
+            self._backlog -= len(data)
+            self._since_drop += len(data)
         if not self._queue:
             self._cover.clear()
         self._cond.notify_all()
@@ -255,15 +280,16 @@ class DataFile:
         with self._cond:
             self._drain_locked()
 
-    def _drain_locked(self) -> None:
-        while self._queue:
+    def _drain_locked(self, done=None) -> None:
+        while not (done() if done else not self._queue):
             if self._error is not None:
+                pblock = self._queue[0][0]
                 try:
-                    self._pwrite(*self._queue[0])
+                    self._apply(*self._queue[0])
                 except OSError as e:
                     self._error = e
-                    raise FsError(e.errno or errno.EIO,
-                                  f"data file write failed at block {self._queue[0][0]}: {e.strerror}") from None
+                    what = "a sync after a commit" if pblock is None else f"data file write at block {pblock}"
+                    raise FsError(e.errno or errno.EIO, f"{what} failed: {e.strerror}") from None
                 self._error = None
                 self._done_head()
             else:
@@ -332,6 +358,15 @@ class DataFile:
                 raise
             os.ftruncate(self._fd, target)   # no fallocate here: grow sparsely
         self._size = target
+
+
+class Barrier:
+    """A call queued among the writes (see DataFile.barrier)."""
+    __slots__ = ("fn", "done")
+
+    def __init__(self, fn):
+        self.fn = fn
+        self.done = False
 
 
 def _overlaps(intervals: IntervalSet, start: int, end: int) -> bool:

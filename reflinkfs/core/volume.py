@@ -22,6 +22,7 @@ import bisect
 import collections
 import errno
 import fcntl
+import logging
 import os
 import sqlite3
 import stat
@@ -38,10 +39,12 @@ from .datafile import DataFile
 from .space import Space
 
 BS = BLOCK_SIZE
+log = logging.getLogger("reflinkfs.volume")
 MAX_FILE_SIZE = 1 << 46          # 64 TiB
 MAX_NAME = 255
 END = 1 << 62                    # "to the end of the file" in logical blocks
 COPY_CHUNK = 8 << 20             # bytes copied per step when a clone must move data
+CHECKPOINT_BYTES = 4 << 20       # the WAL is copied into the database once it is this big
 
 RENAME_NOREPLACE = 1
 RENAME_EXCHANGE = 2
@@ -168,6 +171,11 @@ class Volume:
         self._lookups = collections.Counter()  # ino -> the kernel's lookup count under FUSE (same rule)
         self.last_commit = time.monotonic()
         self.commits = 0
+        # COMMIT only writes the WAL; sync_meta() makes it durable (and checkpoints, on its own connection)
+        db.execute("PRAGMA synchronous=NORMAL")
+        db.execute("PRAGMA wal_autocheckpoint=0")
+        self._wal_path = os.path.join(store, schema.DB_NAME + "-wal")
+        self._ckpt_db: sqlite3.Connection | None = None
         self._purge_orphans()
 
     # -- lifetime ------------------------------------------------------------------------------
@@ -207,6 +215,8 @@ class Volume:
         self._purge_orphans()
         self.commit()
         self.data.close()
+        if self._ckpt_db is not None:
+            self._ckpt_db.close()
         self.db.close()
         os.close(self._lock_fd)
         self.db = None
@@ -245,10 +255,16 @@ class Volume:
             self._memo.leave_op()
         self.db.execute("RELEASE op")
 
-    def commit(self) -> None:
-        """Make everything done so far durable: data first, then the metadata that refers to it."""
+    def commit(self, wait: bool = True):
+        """Make everything done so far durable: data first, then the metadata that refers to it.
+
+        With wait=False the slow end is left to the data file's writer thread: the metadata is committed
+        to the WAL here and the returned barrier (None if there was nothing to commit) makes it durable;
+        `self.data.wait_for(barrier)` waits for that. Blocks this commit frees can be handed out at once:
+        their new contents are queued behind the barrier, so they reach the disk only after the commit
+        that freed them, and a power loss cannot leave an older state pointing at overwritten blocks."""
         if not self._in_txn:
-            return
+            return None
         if self.data.unsynced:       # else sync_data() (in a thread) already covered every write
             self.sync_data()
         self.space.on_commit()
@@ -257,6 +273,27 @@ class Volume:
         self.space.after_commit()
         self.last_commit = time.monotonic()
         self.commits += 1
+        barrier = self.data.barrier(self.sync_meta)
+        if wait:
+            self.data.wait_for(barrier)
+        return barrier
+
+    def sync_meta(self) -> None:
+        """Make the committed metadata durable: fdatasync the WAL, then copy it into the database when it
+        has grown. Runs in the data file's writer thread (see commit)."""
+        fd = os.open(self._wal_path, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            os.fdatasync(fd)
+            wal_bytes = os.fstat(fd).st_size
+        finally:
+            os.close(fd)
+        if wal_bytes >= CHECKPOINT_BYTES:
+            try:
+                if self._ckpt_db is None:
+                    self._ckpt_db = schema.connect(os.path.join(self.store, schema.DB_NAME))
+                self._ckpt_db.execute("PRAGMA wal_checkpoint(PASSIVE)")
+            except sqlite3.Error as e:      # the commit is durable in the WAL all the same
+                log.warning("WAL checkpoint failed (%s); will try again at the next commit", e)
 
     def sync_data(self) -> None:
         """The first half of commit(): make the data written so far durable. It touches only the data

@@ -135,8 +135,9 @@ class Operations(pyfuse3.Operations):
             await trio.sleep(0.001)
 
     async def commit(self) -> None:
-        """Commit, with the slow half (the data file's fdatasync) in a thread: reads, lookups and the rest
-        go on meanwhile, and writes wait for it, so that the commit after it has nothing left to sync."""
+        """Commit, with the slow parts in threads: the data file's fdatasync (reads, lookups and the rest go
+        on meanwhile; writes wait for it, so that the commit after it has nothing left to sync), and after
+        the COMMIT, the WAL's fdatasync (everything goes on; see Volume.commit)."""
         async with self._commit_lock:
             if not self.vol.dirty:
                 return
@@ -146,7 +147,9 @@ class Operations(pyfuse3.Operations):
             finally:
                 done, self._syncing = self._syncing, None
                 done.set()
-            self.vol.commit()
+            barrier = self.vol.commit(wait=False)
+        if barrier is not None:
+            await trio.to_thread.run_sync(self.vol.data.wait_for, barrier)
 
     async def _write_room(self) -> None:
         """Before a write: wait, without holding up other requests, for a commit's sync to finish and for

@@ -7,15 +7,19 @@ from __future__ import annotations
 import errno
 import os
 import random
+import shutil
 import signal
+import sqlite3
 import stat
 import subprocess
 import sys
 import textwrap
+import threading
 
 import pytest
 
 import reflinkfs
+from reflinkfs.core import volume as volume_mod
 from reflinkfs.core.datafile import GROW_STEP
 from reflinkfs.core.volume import RENAME_EXCHANGE, RENAME_NOREPLACE, XATTR_CREATE, XATTR_REPLACE, Volume
 from reflinkfs.errors import FsError
@@ -824,3 +828,48 @@ def test_crash_shows_exactly_the_last_commit(store, open_volume):
     # the store keeps working after the crash
     d = mkfile(v, b"d", rnd(12 * BS, 5))
     assert content(v, d) == rnd(12 * BS, 5)
+
+
+def test_blocks_a_commit_frees_are_rewritten_on_disk_only_after_that_commit_is_durable(vol):
+    """commit(wait=False) leaves the WAL's fdatasync to a barrier; blocks the commit freed may be handed
+    out again at once, but their new bytes must stay queued behind the barrier."""
+    a = mkfile(vol, b"a", rnd(8 * BS, 1))
+    vol.commit()
+    [(_, pb, _, _)] = vol.extent_map(a)
+    vol.unlink(ROOT, b"a")
+    held, release = threading.Event(), threading.Event()
+    real = vol.sync_meta
+
+    def held_sync_meta():
+        held.set()
+        release.wait(timeout=10)
+        real()
+    vol.sync_meta = held_sync_meta
+    barrier = vol.commit(wait=False)
+    assert held.wait(timeout=10)
+    b = mkfile(vol, b"b", rnd(8 * BS, 2))
+    assert [e[1] for e in vol.extent_map(b)] == [pb], "the freed blocks are handed out again"
+    assert content(vol, b) == rnd(8 * BS, 2)
+    assert on_disk(vol, pb, 8) == rnd(8 * BS, 1), "overwritten before the commit that freed them is durable"
+    release.set()
+    vol.data.wait_for(barrier)
+    vol.sync_meta = real
+    vol.commit()
+    assert on_disk(vol, pb, 8) == rnd(8 * BS, 2)
+
+
+def test_commits_copy_the_wal_into_the_database(vol, store, tmp_path, monkeypatch):
+    monkeypatch.setattr(volume_mod, "CHECKPOINT_BYTES", 0)
+    mkfile(vol, b"checkpointed", b"x")
+    vol.commit()
+    alone = tmp_path / "db-alone"
+    shutil.copy(os.path.join(store, "meta.db"), alone)       # without its WAL
+    db = sqlite3.connect(alone)
+    assert (b"checkpointed",) in db.execute("SELECT name FROM dirents").fetchall()
+    db.close()
+
+
+def on_disk(v: Volume, pblock: int, nblocks: int) -> bytes:
+    with open(v.data.path, "rb") as f:
+        f.seek(pblock * BS)
+        return f.read(nblocks * BS)

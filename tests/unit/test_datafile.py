@@ -28,15 +28,15 @@ def on_disk(df: DataFile, pblock: int, n: int) -> bytes:
 
 
 class Gate:
-    """Wraps DataFile._pwrite: the writer thread blocks until opened; the failures queued in `fail` are
+    """Wraps DataFile._apply: the writer thread blocks until opened; the failures queued in `fail` are
     raised first, one per call (from any thread)."""
 
     def __init__(self, df: DataFile):
-        self.df, self.real = df, df._pwrite
+        self.df, self.real = df, df._apply
         self.open = threading.Event()
         self.fail: list[int] = []
         self.calls: list[int] = []
-        df._pwrite = self
+        df._apply = self
 
     def __call__(self, pblock: int, data) -> None:
         if threading.current_thread() is self.df._writer:
@@ -142,3 +142,33 @@ def test_the_writer_grows_the_file_ahead_of_need(df):
     assert os.fstat(df._fd).st_size == size + datafile.GROW_STEP
     df.ensure_size(1)                          # far from the end: nothing asked
     assert df._grow_to == 0
+
+
+def test_a_barrier_runs_after_the_writes_before_it_and_before_those_after_it(df):
+    gate = Gate(df)
+    seen = []
+    df.write(0, blocks(1))
+    b = df.barrier(lambda: seen.append(on_disk(df, 0, 2)))
+    df.write(1, blocks(2))
+    gate.open.set()
+    df.wait_for(b)
+    assert b.done and seen == [blocks(1, 0)]
+    df.sync()
+    assert on_disk(df, 0, 2) == blocks(1, 2)
+
+
+def test_a_failing_barrier_stops_the_writes_behind_it_until_it_succeeds(df):
+    calls = []
+
+    def fn():
+        calls.append(1)
+        if len(calls) <= 2:
+            raise OSError(errno.EIO, "flush failed")
+    b = df.barrier(fn)
+    df.write(3, blocks(9))
+    with pytest.raises(FsError) as e:
+        df.wait_for(b)                         # the writer's try and this retry both fail
+    assert "flush failed" in e.value.message and not b.done
+    assert on_disk(df, 3, 1) == bytes(BS) and df.read(3, 1) == blocks(9)
+    df.sync()                                  # the third try succeeds; the write behind it lands
+    assert b.done and len(calls) == 3 and on_disk(df, 3, 1) == blocks(9)
