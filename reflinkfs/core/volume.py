@@ -750,6 +750,7 @@ class Volume:
         end = lblock + nblocks
         in_place: list[tuple[int, int, int]] = []   # (lblock, pblock, n)
         new: list[tuple[int, int]] = []              # (lblock, n)
+        cow: list[tuple[int, int]] = []              # the pieces of new that are mapped now
         pos = lblock
         for lb, pb, n in ext.lookup(self.db, ino, lblock, end):
             if lb > pos:
@@ -759,6 +760,7 @@ class Volume:
                     in_place.append((lb + s - pb, s, e - s))
                 else:
                     new.append((lb + s - pb, e - s))
+                    cow.append(new[-1])
             pos = lb + n
         if pos < end:
             new.append((pos, end - pos))
@@ -767,7 +769,7 @@ class Volume:
         if need:
             runs = self.space.alloc(need)
             self.data.ensure_size(self.space.data_blocks)
-            for lb, n in new:
+            for lb, n in cow:                         # the other pieces are holes
                 self._release(ext.unmap(self.db, ino, lb, lb + n))
             self.io.drop_inode(ino, lblock, end)
             # hand out the allocated runs to the new pieces, in order
