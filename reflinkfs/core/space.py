@@ -19,7 +19,7 @@ import errno
 import sqlite3
 
 from ..errors import FsError
-from ..meta.schema import get_meta, set_meta, unpack_sums
+from ..meta.schema import CSUM_RUN, get_meta, set_meta, unpack_sums
 from .intervals import IntervalSet, coverage
 
 Run = tuple[int, int]  # (pblock, nblocks)
@@ -28,7 +28,7 @@ SPAN_GAP = 1024         # runs closer than this many blocks are adjusted as one 
 
 # -- checksum runs ------------------------------------------------------------------------------
 # `csums` rows are runs: (pblock, nblocks, sums), sums packed by schema.pack_sums. Runs never overlap;
-# one write stores one row, however many blocks it wrote.
+# a write stores its sums as one run, or extends the run that ends where it starts (up to CSUM_RUN).
 
 def read_csums(db: sqlite3.Connection, pblock: int, nblocks: int) -> list:
     """The checksums of blocks [pblock, pblock+nblocks): one entry per block, None where there is none."""
@@ -283,12 +283,20 @@ class Space:
 
     # -- checksums ---------------------------------------------------------------------------
     def set_csums(self, pblock: int, sums: bytes) -> None:
-        """Record the checksums (packed, see pack_sums) of the blocks from pblock on, as one run."""
-        self.clear_csums(pblock, len(sums) // 8)
-        self.db.execute("INSERT INTO csums(pblock, nblocks, sums) VALUES (?, ?, ?)", (pblock, len(sums) // 8, sums))
+        """Record the checksums (packed, see pack_sums) of the blocks from pblock on: as a new run, or by
+        extending the run that ends at pblock (up to CSUM_RUN blocks), so that a file written in small
+        pieces still has few runs."""
+        n = len(sums) // 8
+        before = self.clear_csums(pblock, n)
+        if before is not None and before[1] + n <= CSUM_RUN:
+            p, m, blob = before
+            self.db.execute("UPDATE csums SET nblocks=?, sums=? WHERE pblock=?", (m + n, blob + sums, p))
+        else:
+            self.db.execute("INSERT INTO csums(pblock, nblocks, sums) VALUES (?, ?, ?)", (pblock, n, sums))
 
-    def clear_csums(self, pblock: int, nblocks: int) -> None:
-        """Forget the checksums of blocks [pblock, pblock+nblocks); runs reaching outside are cut."""
+    def clear_csums(self, pblock: int, nblocks: int):
+        """Forget the checksums of blocks [pblock, pblock+nblocks); runs reaching outside are cut.
+        Returns the run (pblock, nblocks, sums) that now ends at pblock, or None."""
         end = pblock + nblocks
         db = self.db
         prev = db.execute("SELECT pblock, nblocks, sums FROM csums WHERE pblock < ? ORDER BY pblock DESC LIMIT 1",
@@ -296,9 +304,11 @@ class Space:
         last = db.execute("SELECT pblock, nblocks, sums FROM csums WHERE pblock >= ? AND pblock < ? "
                           "ORDER BY pblock DESC LIMIT 1", (pblock, end)).fetchone()
         keep = []                                    # (pblock, nblocks, sums) of the pieces outside
+        before = prev if prev and prev[0] + prev[1] == pblock else None
         if prev and prev[0] + prev[1] > pblock:
             p, n, blob = prev
-            db.execute("UPDATE csums SET nblocks=?, sums=? WHERE pblock=?", (pblock - p, blob[:8 * (pblock - p)], p))
+            before = (p, pblock - p, blob[:8 * (pblock - p)])
+            db.execute("UPDATE csums SET nblocks=?, sums=? WHERE pblock=?", before[1:] + (p,))
             last = last or prev
         if last and last[0] + last[1] > end:
             p, n, blob = last
@@ -307,6 +317,7 @@ class Space:
             db.execute("DELETE FROM csums WHERE pblock >= ? AND pblock < ?", (pblock, end))
         if keep:
             db.executemany("INSERT INTO csums(pblock, nblocks, sums) VALUES (?, ?, ?)", keep)
+        return before
 
     def csums(self, pblock: int, nblocks: int) -> list:
         return read_csums(self.db, pblock, nblocks)

@@ -3,15 +3,18 @@
 Guarantees:
 - Every public method either completes or changes nothing: each runs inside a SQLite savepoint that is
   rolled back (with the in-memory space bookkeeping) when it raises.
-- Changes are grouped into transactions; `commit()` writes the data file to disk and then commits the
-  metadata that refers to it. After a crash the store opens at the last commit, whose blocks were never
-  overwritten: a block with refcount > 1 or one that a committed state refers to is always copied on
-  write; only blocks allocated in the open transaction are overwritten in place.
+- Changes are grouped into transactions; `commit()` writes the data file to disk, then commits the
+  metadata that refers to it, then makes that durable (sync_meta). After a crash the store opens at the
+  last commit, whose blocks were never overwritten: a block with refcount > 1 or one that a committed
+  state refers to is always copied on write; only blocks allocated in the open transaction are
+  overwritten in place.
 - Bytes past a file's size inside its last block are always zero, so growing a file (truncate, write
   past EOF, sharing a partial last block) never exposes old data.
 
 Concurrency: the volume is not thread-safe; the FUSE adapter calls it from one thread, and each call
-runs to completion without yielding.
+runs to completion without yielding. Two exceptions touch no metadata and may run in other threads:
+`sync_data()` (the adapter runs it in a worker thread) and `sync_meta()` (the data file's writer thread
+runs it, queued by `commit()`; it uses its own database connection).
 
 Callers pass names as bytes, times in nanoseconds, offsets in bytes; `log_*`/`lblock` are logical
 (per-file) block numbers, `pblock` physical ones.

@@ -55,7 +55,8 @@ CREATE TABLE refs(pblock INTEGER PRIMARY KEY, nblocks INTEGER NOT NULL, refcount
 CREATE TABLE free(pblock INTEGER PRIMARY KEY, nblocks INTEGER NOT NULL);
 CREATE INDEX free_by_size ON free(nblocks, pblock);
 """ + CSUMS_TABLE + ";"
-UPGRADE_RUN = 1024      # blocks per checksum run made from version 1 rows
+CSUM_RUN = 1024         # the most blocks a checksum run grows to: by later writes that continue it, and
+                        # when version 1 rows are upgraded
 
 ROOT_INO = 1
 
@@ -193,7 +194,7 @@ def _upgrade_from_1(db: sqlite3.Connection) -> None:
         db.execute(CSUMS_TABLE)
         runs: list[tuple[int, list[int]]] = []
         for p, c in db.execute("SELECT pblock, csum FROM csums_v1 ORDER BY pblock"):
-            if runs and runs[-1][0] + len(runs[-1][1]) == p and len(runs[-1][1]) < UPGRADE_RUN:
+            if runs and runs[-1][0] + len(runs[-1][1]) == p and len(runs[-1][1]) < CSUM_RUN:
                 runs[-1][1].append(c & 0xFFFFFFFFFFFFFFFF)
             else:
                 runs.append((p, [c & 0xFFFFFFFFFFFFFFFF]))

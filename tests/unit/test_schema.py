@@ -145,7 +145,7 @@ def test_version_1_store_is_upgraded_on_open(tmp_path):
     try:
         assert schema.get_meta(v.db, "schema_version") == SCHEMA_VERSION == 2
         rows = v.db.execute("SELECT pblock, nblocks FROM csums ORDER BY pblock").fetchall()
-        assert len(rows) == -(-len(per_block) // schema.UPGRADE_RUN)
+        assert len(rows) == -(-len(per_block) // schema.CSUM_RUN)
         assert bytes(v.read(a, 0, len(data))) == data       # every block verifies against its upgraded sum
     finally:
         v.close()

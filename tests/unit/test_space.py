@@ -5,7 +5,7 @@ import os
 import pytest
 
 from reflinkfs.core.space import Space
-from reflinkfs.meta.schema import pack_sums, unpack_sums
+from reflinkfs.meta.schema import CSUM_RUN, pack_sums, unpack_sums
 from reflinkfs.errors import FsError
 from reflinkfs.meta import schema
 from reflinkfs.meta.schema import get_meta, mkfs
@@ -81,12 +81,13 @@ def test_decref_drops_checksums_of_released_blocks(space):
 def test_checksums_are_runs_cut_where_a_later_write_overlaps(space):
     space.alloc(20)
     space.set_csums(0, pack_sums(range(100, 110)))           # blocks 0-9: one row
-    space.set_csums(10, pack_sums(range(200, 210)))          # blocks 10-19: one row
-    assert csum_rows(space) == [(0, 10, list(range(100, 110))), (10, 10, list(range(200, 210)))]
-    space.set_csums(3, pack_sums([1, 2]))                     # inside the first run: it splits in three
-    space.set_csums(8, pack_sums([7, 7, 7, 7]))               # across the boundary of the two runs
-    assert csum_rows(space) == [(0, 3, [100, 101, 102]), (3, 2, [1, 2]), (5, 3, [105, 106, 107]),
-                                (8, 4, [7, 7, 7, 7]), (12, 8, list(range(202, 210)))]
+    space.set_csums(10, pack_sums(range(200, 210)))          # blocks 10-19: continues it
+    assert csum_rows(space) == [(0, 20, [*range(100, 110), *range(200, 210)])]
+    space.set_csums(3, pack_sums([1, 2]))                     # inside: cuts it, continues the piece before
+    assert csum_rows(space) == [(0, 5, [100, 101, 102, 1, 2]), (5, 15, [*range(105, 110), *range(200, 210)])]
+    space.set_csums(8, pack_sums([7, 7, 7, 7]))               # across the old boundary of the two writes
+    assert csum_rows(space) == [(0, 5, [100, 101, 102, 1, 2]), (5, 7, [105, 106, 107, 7, 7, 7, 7]),
+                                (12, 8, list(range(202, 210)))]
     assert space.csums(2, 12) == [102, 1, 2, 105, 106, 107, 7, 7, 7, 7, 202, 203]
     space.clear_csums(0, 20)
     assert csum_rows(space) == [] and space.csums(0, 4) == [None] * 4
@@ -94,6 +95,17 @@ def test_checksums_are_runs_cut_where_a_later_write_overlaps(space):
     space.clear_csums(5, 3)                                   # a hole in the middle of one run
     assert csum_rows(space) == [(0, 5, [0, 1, 2, 3, 4]), (8, 12, list(range(8, 20)))]
     assert space.csums(4, 5) == [4, None, None, None, 8]
+
+
+def test_writes_that_continue_a_run_extend_it_up_to_csum_run_blocks(space):
+    space.alloc(2 * CSUM_RUN)
+    third = CSUM_RUN // 3
+    for k in range(4):
+        space.set_csums(k * third, pack_sums(range(k * third, (k + 1) * third)))
+    assert [(p, n) for p, n, _ in csum_rows(space)] == [(0, 3 * third), (3 * third, third)]
+    assert space.csums(0, 4 * third) == list(range(4 * third))
+    space.set_csums(8 * third, pack_sums([5]))                # not continuing anything: a run of its own
+    assert [(p, n) for p, n, _ in csum_rows(space)][-1] == (8 * third, 1)
 
 
 def test_decref_of_unused_blocks_is_an_io_error(space):
