@@ -192,6 +192,7 @@ class Volume:
             os.close(lock_fd)
             db.close()
             raise StoreError(f"{store}: store is in use (mounted, or being checked); unmount it first") from None
+        data = None
         try:
             data = DataFile(os.path.join(store, schema.DATA_NAME), direct=direct)
             data_blocks = schema.get_meta(db, "data_blocks")
@@ -201,13 +202,13 @@ class Volume:
                                      f"the data file was lost or replaced")
                 data.ensure_size(data_blocks)   # a crash may leave it short; the missing tail reads as zeros
             return cls(store, db, data, lock_fd, io_factory)
-        except sqlite3.DatabaseError as e:
+        except BaseException as e:
+            if data is not None:
+                data.close()
             os.close(lock_fd)
             db.close()
-            raise StoreError(f"{store}: metadata database is damaged ({e}); run 'reflinkfs fsck {store}'") from None
-        except BaseException:
-            os.close(lock_fd)
-            db.close()
+            if isinstance(e, sqlite3.DatabaseError):
+                raise StoreError(f"{store}: metadata database is damaged ({e}); run 'reflinkfs fsck {store}'") from None
             raise
 
     def close(self) -> None:
@@ -721,6 +722,8 @@ class Volume:
             raise FsError(errno.EFBIG, "write past the maximum file size")
         if nbytes == 0:
             return 0
+        if not isinstance(data, bytes):
+            data = bytes(data)          # the data file queues it: a caller's buffer may change after we return
         self._retry_enospc(self._write_op, ino, offset, data)
         return nbytes
 

@@ -873,3 +873,12 @@ def on_disk(v: Volume, pblock: int, nblocks: int) -> bytes:
     with open(v.data.path, "rb") as f:
         f.seek(pblock * BS)
         return f.read(nblocks * BS)
+
+
+def test_a_callers_buffer_may_change_once_write_returns(vol):
+    buf = bytearray(rnd(3 * BS, 4))
+    ino = mkfile(vol, b"f")
+    vol.write(ino, 0, buf)
+    buf[:] = bytes(len(buf))                  # the data file's queue must not see this
+    vol.commit()
+    assert content(vol, ino) == rnd(3 * BS, 4)
