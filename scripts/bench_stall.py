@@ -1,7 +1,7 @@
 """How long other requests wait while the daemon commits a big write: the latency of small cached reads
 during and after a large sequential write.
 
-    python scripts/bench_stall.py [--gib 3] [--dir DIR] [--command 'python /path/launcher.py']
+    python scripts/bench_stall.py [--gib 3] [--contend] [--dir DIR] [--command 'python /path/launcher.py']
 
 A benchmark, not a test. It makes a store in a fresh directory (under --dir, default $TMPDIR), mounts it,
 writes and reads a 64 MiB probe file (so it is cached), then starts a probe that reads 4 KiB of that
@@ -10,6 +10,10 @@ and for two commit intervals after it, with an unlink of that file between them 
 brings the written data to disk). Every probe read is served from the cache, so whatever it waits for is
 some other request or a commit holding the daemon's event loop. Reported separately for the probes made while the write runs and after it:
 median, 99th percentile and maximum latency, and how many probes waited longer than 50 ms.
+
+--contend adds a second process that keeps writing to a file beside the store with O_DIRECT for the whole
+measurement, as another tenant of a busy host would: the store's syncs then wait for the disk, and any
+sync made on the daemon's event loop shows up as a stall.
 
 --command replaces `python -m reflinkfs.cli` for the daemon (e.g. a launcher that patches the code), to
 compare two versions on the same machine. Everything is unmounted and removed at the end, on failure too.
@@ -20,6 +24,7 @@ import argparse
 import os
 import shlex
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -94,6 +99,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--gib", type=int, default=3, help="GiB written while probing (default 3)")
     p.add_argument("--dir", default=None, help="where the store and mountpoint go (default $TMPDIR)")
+    p.add_argument("--contend", action="store_true", help="keep the disk busy with O_DIRECT writes meanwhile")
     p.add_argument("--command", default=f"{shlex.quote(sys.executable)} -m reflinkfs.cli",
                    help="the reflinkfs command line to mount with")
     a = p.parse_args(argv)
@@ -104,14 +110,24 @@ def main(argv=None) -> int:
     try:
         subprocess.run(cmd + ["mkfs", store], check=True, capture_output=True)
         subprocess.run(cmd + ["mount", store, mnt, "--commit-interval", str(COMMIT_INTERVAL)], check=True)
+        contender = None
+        if a.contend:
+            contender = subprocess.Popen(["sh", "-c", f"while :; do dd if=/dev/zero of={os.path.join(work, 'contend')} "
+                                          "bs=1M count=1024 oflag=direct conv=notrunc status=none || exit; done"],
+                                          start_new_session=True)
         try:
             during, after = measure(mnt, a.gib)
         finally:
+            if contender is not None:                  # the shell and its dd
+                os.killpg(contender.pid, signal.SIGKILL)
+                contender.wait()
             subprocess.run(cmd + ["umount", mnt], check=False)
             if is_mounted(mnt):
                 subprocess.run(["fusermount3", "-u", "-z", mnt], check=False)
     finally:
         shutil.rmtree(work, ignore_errors=True)
+    if a.contend:
+        print("with a competing O_DIRECT writer on the same disk")
     print(f"cached 4 KiB reads while writing {a.gib} GiB: {summary(during)}")
     print(f"after the write (commits, unlink):   {summary(after)}")
     return 0 if during and after else 1
