@@ -79,6 +79,7 @@ class DataFile:
         self._cover = IntervalSet()        # covers every queued block (exactly, whenever the queue empties)
         self._error: OSError | None = None  # the head failed: the writer waits for drain()
         self._seq = 0                      # writes queued so far
+        self._written = 0                  # writes in the file so far (in queue order)
         self._durable = 0                  # writes that a completed sync made durable
         self._recent = IntervalSet()      # blocks written since the last drop: dirty in the page cache
         self._settling = IntervalSet()    # blocks whose writeback the last drop started
@@ -268,6 +269,7 @@ class DataFile:
         if pblock is None:
             data.done = True
         else:
+            self._written += 1
             self._backlog -= len(data)
             self._since_drop += len(data)
         if not self._queue:
@@ -304,9 +306,9 @@ class DataFile:
 
     def sync(self) -> None:
         """Make everything written so far durable. May run in a thread other than the loop's."""
-        with self._cond:
+        with self._cond:                  # what is queued meanwhile is for the next sync
             mark = self._seq
-            self._drain_locked()
+            self._drain_locked(lambda: self._written >= mark)
         os.fdatasync(self._fd)
         with self._cond:
             self._durable = max(self._durable, mark)

@@ -172,3 +172,24 @@ def test_a_failing_barrier_stops_the_writes_behind_it_until_it_succeeds(df):
     assert on_disk(df, 3, 1) == bytes(BS) and df.read(3, 1) == blocks(9)
     df.sync()                                  # the third try succeeds; the write behind it lands
     assert b.done and len(calls) == 3 and on_disk(df, 3, 1) == blocks(9)
+
+
+def test_a_sync_does_not_wait_for_writes_queued_after_it_began(df):
+    real, release = df._apply, {0: threading.Event(), 1: threading.Event()}
+
+    def apply(pblock, data):
+        release[pblock].wait(timeout=10)
+        real(pblock, data)
+    df._apply = apply
+    df.write(0, blocks(1))
+    syncing = threading.Thread(target=df.sync)
+    syncing.start()
+    time.sleep(0.05)                           # the sync waits for the first write
+    df.write(1, blocks(2))                     # queued after the sync began
+    release[0].set()
+    syncing.join(timeout=5)
+    assert not syncing.is_alive(), "the sync waited for a write queued after it began"
+    assert df.unsynced and len(df._queue) == 1
+    release[1].set()
+    df.sync()
+    assert not df.unsynced and on_disk(df, 0, 2) == blocks(1, 2)
