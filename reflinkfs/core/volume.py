@@ -179,6 +179,7 @@ class Volume:
         db.execute("PRAGMA wal_autocheckpoint=0")
         self._wal_path = os.path.join(store, schema.DB_NAME + "-wal")
         self._ckpt_db: sqlite3.Connection | None = None
+        self._barrier = None            # the last commit's (see commit)
         self._purge_orphans()
 
     # -- lifetime ------------------------------------------------------------------------------
@@ -263,22 +264,23 @@ class Volume:
         """Make everything done so far durable: data first, then the metadata that refers to it.
 
         With wait=False the slow end is left to the data file's writer thread: the metadata is committed
-        to the WAL here and the returned barrier (None if there was nothing to commit) makes it durable;
-        `self.data.wait_for(barrier)` waits for that. Blocks this commit frees can be handed out at once:
-        their new contents are queued behind the barrier, so they reach the disk only after the commit
-        that freed them, and a power loss cannot leave an older state pointing at overwritten blocks."""
-        if not self._in_txn:
-            return None
-        if self.data.unsynced:       # else sync_data() (in a thread) already covered every write
-            self.sync_data()
-        self.space.on_commit()
-        self.db.execute("COMMIT")
-        self._in_txn = False
-        self.space.after_commit()
-        self.last_commit = time.monotonic()
-        self.commits += 1
-        barrier = self.data.barrier(self.sync_meta)
-        if wait:
+        to the WAL here and the returned barrier makes it durable (None: everything already is);
+        `self.data.wait_for(barrier)` waits for that. With nothing new to commit, the barrier of the last
+        commit is returned while it has not run. Blocks a commit frees can be handed out at once: their
+        new contents are queued behind its barrier, so they reach the disk only after the commit that
+        freed them, and a power loss cannot leave an older state pointing at overwritten blocks."""
+        if self._in_txn:
+            if self.data.unsynced:       # else sync_data() (in a thread) already covered every write
+                self.sync_data()
+            self.space.on_commit()
+            self.db.execute("COMMIT")
+            self._in_txn = False
+            self.space.after_commit()
+            self.last_commit = time.monotonic()
+            self.commits += 1
+            self._barrier = self.data.barrier(self.sync_meta)
+        barrier = self._barrier if self._barrier is not None and not self._barrier.done else None
+        if wait and barrier is not None:
             self.data.wait_for(barrier)
         return barrier
 

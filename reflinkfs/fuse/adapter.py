@@ -139,15 +139,14 @@ class Operations(pyfuse3.Operations):
         on meanwhile; writes wait for it, so that the commit after it has nothing left to sync), and after
         the COMMIT, the WAL's fdatasync (everything goes on; see Volume.commit)."""
         async with self._commit_lock:
-            if not self.vol.dirty:
-                return
-            self._syncing = trio.Event()
-            try:
-                await trio.to_thread.run_sync(self.vol.sync_data)
-            finally:
-                done, self._syncing = self._syncing, None
-                done.set()
-            barrier = self.vol.commit(wait=False)
+            if self.vol.dirty:
+                self._syncing = trio.Event()
+                try:
+                    await trio.to_thread.run_sync(self.vol.sync_data)
+                finally:
+                    done, self._syncing = self._syncing, None
+                    done.set()
+            barrier = self.vol.commit(wait=False)      # or the last commit's, if it is not durable yet
         if barrier is not None:
             await trio.to_thread.run_sync(self.vol.data.wait_for, barrier)
 

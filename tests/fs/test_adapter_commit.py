@@ -48,3 +48,32 @@ async def test_a_commit_syncs_in_a_thread_while_reads_go_on_and_writes_wait(vol)
     vol.data.sync = real_sync
     await ops.commit()
     assert not vol.dirty and vol.read(ino, 0, 2 * BS) == b"a" * BS + b"b" * BS
+
+
+@pytest.mark.trio
+async def test_an_fsync_with_nothing_new_waits_until_the_last_commit_is_durable(vol):
+    ops = Operations(vol)
+    vol.create(ROOT, b"f", 0o644, 0, 0)
+    release = threading.Event()
+    real_sync_meta = vol.sync_meta
+
+    def held_sync_meta():
+        release.wait(timeout=5)
+        real_sync_meta()
+    vol.sync_meta = held_sync_meta
+    assert vol.commit(wait=False) is not None    # e.g. the periodic commit: its WAL sync still runs
+    assert not vol.dirty
+    answered = []
+
+    async def fsync():
+        await ops.commit()
+        answered.append(True)
+
+    with trio.fail_after(20):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(fsync)
+            await trio.sleep(0.1)
+            assert answered == [], "answered before the commit it relies on was durable"
+            release.set()
+    assert answered == [True]
+    assert vol.commit(wait=False) is None
