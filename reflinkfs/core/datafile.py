@@ -21,12 +21,12 @@ buffer crosses a page), and merging with it then needs no read at all.
 Writes leave the event loop: `write()` queues the caller's buffer (which must not change afterwards) and
 returns; one writer thread copies the queue into the data file in order. Until a queued write is in
 the file, `read()` lays it over what the file holds, so every read sees every write. `sync()` waits for
-the queue to empty and then fdatasyncs; it may run in another thread while the loop goes on queueing
-(`unsynced` says whether a completed sync covers every write). The queue is bounded: past BACKLOG bytes,
+the writes queued before it began and then fdatasyncs; it may run in another thread while the loop goes
+on queueing (`unsynced` says whether a completed sync covers every write). The queue is bounded: past BACKLOG bytes,
 `room()` is False and callers should wait (`wait_room`), and past twice that `write()` itself waits.
 A failed write stops the writer with the failed buffer still at the head of the queue (reads still see
-it); `drain()` retries it in order and raises the error if it fails again, so nothing queued after it
-can be overtaken. The data file also grows ahead of need in the writer (`ensure_size`), so the loop
+it); the next `sync()` or `wait_for()` retries it in order and raises the error if it fails again, so
+nothing queued after it can be overtaken. The data file also grows ahead of need in the writer (`ensure_size`), so the loop
 only waits for an fallocate when the writer has fallen a whole step behind.
 """
 from __future__ import annotations
@@ -77,7 +77,7 @@ class DataFile:
                                                                # first; the head is in flight
         self._backlog = 0                  # bytes in _queue
         self._cover = IntervalSet()        # covers every queued block (exactly, whenever the queue empties)
-        self._error: OSError | None = None  # the head failed: the writer waits for drain()
+        self._error: OSError | None = None  # the head failed: the writer waits for a retry
         self._seq = 0                      # writes queued so far
         self._written = 0                  # writes in the file so far (in queue order)
         self._durable = 0                  # writes that a completed sync made durable
@@ -176,7 +176,7 @@ class DataFile:
 
     def write(self, pblock: int, data) -> None:
         """Queue whole blocks for writing at pblock (`data` length a multiple of BLOCK_SIZE). The caller
-        must not change `data` afterwards. Errors surface at drain() or sync()."""
+        must not change `data` afterwards. Errors surface at sync() or wait_for()."""
         nbytes = len(data)
         assert nbytes % BLOCK_SIZE == 0, nbytes
         end = pblock + nbytes // BLOCK_SIZE
@@ -205,7 +205,7 @@ class DataFile:
         return b
 
     def wait_for(self, barrier: "Barrier") -> None:
-        """Wait until barrier has run. Raises like drain() if it, or a write before it, keeps failing."""
+        """Wait until barrier has run. Raises FsError if it, or a write before it, keeps failing."""
         with self._cond:
             self._drain_locked(lambda: barrier.done)
 
@@ -250,7 +250,7 @@ class DataFile:
                 continue
             try:
                 self._apply(*head)
-            except Exception as e:          # the writer must not die: stop here, drain() retries
+            except Exception as e:          # the writer must not die: stop here, a sync retries
                 if not isinstance(e, OSError):
                     e = OSError(errno.EIO, f"internal error in the data file's writer: {e!r}")
                 with self._cond:
@@ -276,13 +276,9 @@ class DataFile:
             self._cover.clear()
         self._cond.notify_all()
 
-    def drain(self) -> None:
-        """Wait until everything queued is in the file (not yet durable: see sync). Raises the OSError of
-        a write that failed twice; what was queued after it stays queued."""
-        with self._cond:
-            self._drain_locked()
-
     def _drain_locked(self, done=None) -> None:
+        """Wait until done() (default: the queue is empty), retrying a failed head here, in order. Raises
+        FsError for a head that fails again; what was queued after it stays queued. Under _cond."""
         while not (done() if done else not self._queue):
             if self._error is not None:
                 pblock = self._queue[0][0]
