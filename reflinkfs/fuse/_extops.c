@@ -15,6 +15,18 @@
  * fuse_session_destroy is interposed the same way so that a Request object
  * that outlives its session never touches freed libfuse memory.
  *
+ * fuse_session_process_buf is interposed too, for one thing: Linux 6.18
+ * sends FUSE_COPY_FILE_RANGE_64 first, which libfuse 3.14 does not know and
+ * answers ENOSYS.  The kernel then retries with FUSE_COPY_FILE_RANGE, but
+ * when two first copies race, the second ENOSYS is taken for the older
+ * request's and copy_file_range is switched off for the whole mount (every
+ * later copy goes through the page cache in 64 KiB pieces: no sharing, and
+ * not atomic).  The two requests carry the same arguments, and on a
+ * little-endian machine the older reply (a 32-bit count, then 32 zero bits)
+ * reads as the newer one's 64-bit count, so a COPY_FILE_RANGE_64 request is
+ * relabelled as COPY_FILE_RANGE before libfuse sees it.  op_copy_file_range
+ * keeps every count below 4 GiB (a shorter copy is allowed; callers loop).
+ *
  * The same table copy also routes `read` through op_read below once a
  * Python read handler is registered (set_read_handler).  The handler is
  * called synchronously and returns the reply as a list of buffers, which go
@@ -42,6 +54,7 @@
 
 #include <dlfcn.h>
 #include <errno.h>
+#include <stdint.h>
 #include <string.h>
 #include <sys/uio.h>
 
@@ -51,6 +64,20 @@ typedef struct fuse_session *(*session_new_fn)(struct fuse_args *,
                                                const struct fuse_lowlevel_ops *,
                                                size_t, void *);
 typedef void (*session_destroy_fn)(struct fuse_session *);
+typedef void (*process_buf_fn)(struct fuse_session *, const struct fuse_buf *);
+
+/* The start of every request on /dev/fuse (struct fuse_in_header of the FUSE
+ * protocol; libfuse does not install its copy of the kernel header). */
+struct wire_in_header {
+    uint32_t len;
+    uint32_t opcode;
+    uint64_t unique;
+};
+#define WIRE_COPY_FILE_RANGE 47
+#define WIRE_COPY_FILE_RANGE_64 53
+/* The largest count one reply may carry: the older request's reply has 32
+ * bits for it (the kernel clamps the older request's length the same way). */
+#define COPY_MAX ((size_t)0xfffff000u)
 
 /* ---- global state (protected by the GIL where Python touches it) ------- */
 
@@ -61,6 +88,7 @@ static PyObject *last_exc = NULL;          /* last exception raised by a handler
 
 static volatile int g_interposed = 0;
 static unsigned long long n_copy_file_range = 0;
+static unsigned long long n_copy_file_range_64 = 0; /* ... of them sent as COPY_FILE_RANGE_64 */
 static unsigned long long n_fallocate = 0;
 static unsigned long long n_default_replies = 0; /* ENOSYS/EOPNOTSUPP fallbacks */
 static unsigned long long n_dropped = 0;         /* Requests replied EIO in dealloc */
@@ -327,7 +355,7 @@ static void op_copy_file_range(fuse_req_t req, fuse_ino_t ino_in, off_t off_in,
              (unsigned long long)ino_out,
              (unsigned long long)(fi_out ? fi_out->fh : 0),
              (long long)off_out,
-             (unsigned long long)len,
+             (unsigned long long)(len < COPY_MAX ? len : COPY_MAX),
              flags);
 }
 
@@ -478,6 +506,32 @@ EXPORT void fuse_session_destroy(struct fuse_session *se)
         real(se);
 }
 
+EXPORT void fuse_session_process_buf(struct fuse_session *se, const struct fuse_buf *buf)
+{
+    static process_buf_fn real = NULL;
+    if (real == NULL) {
+        real = (process_buf_fn)dlvsym(RTLD_NEXT, "fuse_session_process_buf", "FUSE_3.0");
+        if (real == NULL)
+            real = (process_buf_fn)dlsym(RTLD_NEXT, "fuse_session_process_buf");
+        if (real == NULL)
+            return;   /* cannot happen with libfuse3 loaded; nothing sane to do */
+    }
+#if defined(__BYTE_ORDER__) && __BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__
+    /* See the top of this file.  Only requests read into memory can be
+     * relabelled (libfuse reads into a pipe only for a write_buf handler,
+     * which pyfuse3 does not register). */
+    if (g_interposed && !(buf->flags & FUSE_BUF_IS_FD) && buf->mem != NULL
+        && buf->size >= sizeof(struct wire_in_header)) {
+        struct wire_in_header *in = (struct wire_in_header *)buf->mem;
+        if (in->opcode == WIRE_COPY_FILE_RANGE_64) {
+            in->opcode = WIRE_COPY_FILE_RANGE;
+            __atomic_add_fetch(&n_copy_file_range_64, 1, __ATOMIC_RELAXED);
+        }
+    }
+#endif
+    real(se, buf);
+}
+
 /* ---- module functions --------------------------------------------------- */
 
 static int check_callable(PyObject *o, const char *name)
@@ -520,8 +574,9 @@ static PyObject *m_interposed(PyObject *mod, PyObject *unused)
 
 static PyObject *m_counts(PyObject *mod, PyObject *unused)
 {
-    return Py_BuildValue("{s:K,s:K,s:K,s:K,s:K}",
+    return Py_BuildValue("{s:K,s:K,s:K,s:K,s:K,s:K}",
                          "copy_file_range", n_copy_file_range,
+                         "copy_file_range_64", n_copy_file_range_64,
                          "fallocate", n_fallocate,
                          "read", n_read,
                          "default_replies", n_default_replies,

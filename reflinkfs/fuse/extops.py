@@ -22,6 +22,14 @@ C handlers, and forwards to the real function via
 is interposed the same way, only so that late replies after the session is
 gone are dropped instead of touching freed memory.
 
+``fuse_session_process_buf`` is interposed as well: Linux 6.18 first sends
+``FUSE_COPY_FILE_RANGE_64``, which libfuse 3.14 answers ENOSYS, and when two
+first copies race the kernel can take the second ENOSYS as meaning the older
+request is unsupported too and switch copy_file_range off for the mount (the
+kernel then copies bytes through the page cache, 64 KiB at a time). The C
+side relabels the newer request as the older one, whose reply reads the same
+on little-endian machines, and keeps each reply's count under 4 GiB.
+
 The C handlers run inside ``fuse_session_process_buf()`` (trio's thread, GIL
 held), wrap the ``fuse_req_t`` in a :class:`Request` and call the Python
 handler registered with :func:`set_handlers`.
@@ -158,8 +166,9 @@ def interposed() -> bool:
 
 
 def counts() -> dict[str, int]:
-    """Requests received: {'copy_file_range', 'fallocate', 'read', 'default_replies', 'dropped'}
-    ('read' counts only reads served by the handler of set_read_handler)."""
+    """Requests received: {'copy_file_range', 'copy_file_range_64', 'fallocate', 'read', 'default_replies',
+    'dropped'} ('copy_file_range_64': those of the copy_file_range requests the kernel sent as
+    FUSE_COPY_FILE_RANGE_64; 'read' counts only reads served by the handler of set_read_handler)."""
     return _require().counts()
 
 

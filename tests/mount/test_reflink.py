@@ -25,6 +25,7 @@ import shutil
 import stat
 import struct
 import subprocess
+import threading
 
 import pytest
 
@@ -651,3 +652,67 @@ def test_reads_across_shared_units_holes_and_eof_are_exact(fs, workdir):
     finally:
         os.close(fd)
     assert status(fs.mnt)["extops"]["read"] - before >= len(cases) - 1
+
+
+def test_concurrent_first_copies_all_reach_the_daemon(mounts):
+    """The first copy_file_range calls of a mount, made at the same moment from several threads, must all
+    be served by the daemon. Linux 6.18 first asks with FUSE_COPY_FILE_RANGE_64 and, on ENOSYS, retries with
+    the older request; when two first calls race, the one answered second can take its ENOSYS for the older
+    request's and switch copy_file_range off for the whole mount. The kernel then copies through the page
+    cache in 64 KiB pieces, which neither shares extents nor copies atomically. So the daemon must answer
+    the newer request too. Several fresh mounts, since the race is a matter of timing."""
+    threads, rounds = 6, 6
+    data = [rnd(4 * BS + 100, i) for i in range(threads)]
+    for r in range(rounds):
+        m = mounts.mount(mounts.store())
+        for i in range(threads):
+            m.path(f"src{i}").write_bytes(data[i])
+            m.path(f"dst{i}").write_bytes(b"")
+        before = counters(m.mnt)
+        barrier = threading.Barrier(threads)
+        copied = [0] * threads
+
+        def copy(i):
+            with open(m.path(f"src{i}"), "rb") as s, open(m.path(f"dst{i}"), "r+b") as d:
+                barrier.wait()
+                copied[i] = os.copy_file_range(s.fileno(), d.fileno(), len(data[i]), 0, 0)
+
+        workers = [threading.Thread(target=copy, args=(i,)) for i in range(threads)]
+        for w in workers:
+            w.start()
+        for w in workers:
+            w.join(60)
+        got = delta(before, counters(m.mnt))
+        assert copied == [len(d) for d in data], f"round {r}: {copied}"
+        assert got["clones"] == threads, f"round {r}: only {got['clones']} of {threads} copies reached the daemon"
+        for i in range(threads):
+            assert m.path(f"dst{i}").read_bytes() == data[i]
+            assert_shared(m.path(f"src{i}"), m.path(f"dst{i}"))
+        m.unmount()
+        m.check_after_unmount()
+
+
+def test_a_copy_over_4_gib_reports_what_it_copied(fs, workdir):
+    """One copy_file_range call longer than 4 GiB: the count the caller gets must be what the daemon copied.
+    (The older FUSE request carries a 32-bit count; the daemon copies at most 4 GiB - 4 KiB per call, and the
+    caller asks again for the rest, as it must for any short copy.)"""
+    src, dst = workdir / "big", workdir / "big.copy"
+    size = 5 << 30
+    with open(src, "wb") as f:
+        f.truncate(size)
+        f.seek(size - 3 * BS)
+        f.write(rnd(2 * BS + 7, 9))
+    dst.write_bytes(b"")
+    with open(src, "rb") as s, open(dst, "r+b") as d:
+        first = os.copy_file_range(s.fileno(), d.fileno(), size, 0, 0)
+        assert 0 < first < 1 << 32
+        assert os.fstat(d.fileno()).st_size == first, "the count returned is not what was copied"
+        total = first
+        while total < size:
+            n = os.copy_file_range(s.fileno(), d.fileno(), size - total, total, total)
+            assert n > 0
+            total += n
+    assert os.path.getsize(dst) == size
+    with open(dst, "rb") as d:
+        d.seek(size - 3 * BS)
+        assert d.read() == rnd(2 * BS + 7, 9) + bytes(BS - 7)
