@@ -24,6 +24,7 @@ from .intervals import IntervalSet, coverage
 
 Run = tuple[int, int]  # (pblock, nblocks)
 SPAN_GAP = 1024         # runs closer than this many blocks are adjusted as one span
+CSUM_EXTEND = 64        # writes of at most this many blocks extend the checksum run before them
 
 
 # -- checksum runs ------------------------------------------------------------------------------
@@ -283,40 +284,46 @@ class Space:
 
     # -- checksums ---------------------------------------------------------------------------
     def set_csums(self, pblock: int, sums: bytes) -> None:
-        """Record the checksums (packed, see pack_sums) of the blocks from pblock on: as a new run, or by
-        extending the run that ends at pblock (up to CSUM_RUN blocks), so that a file written in small
-        pieces still has few runs."""
+        """Record the checksums (packed, see pack_sums) of the blocks from pblock on: as a new run, or, for a
+        small write, by extending the run that ends at pblock (up to CSUM_RUN blocks), so that a file
+        written in small pieces still has few runs. A large write gets a run of its own: extending would
+        rewrite the whole run's BLOB for every write."""
         n = len(sums) // 8
         before = self.clear_csums(pblock, n)
-        if before is not None and before[1] + n <= CSUM_RUN:
-            p, m, blob = before
+        if before is not None and n <= CSUM_EXTEND and before[1] + n <= CSUM_RUN:
+            p, m = before
+            blob = self.db.execute("SELECT sums FROM csums WHERE pblock=?", (p,)).fetchone()[0]
             self.db.execute("UPDATE csums SET nblocks=?, sums=? WHERE pblock=?", (m + n, blob + sums, p))
         else:
             self.db.execute("INSERT INTO csums(pblock, nblocks, sums) VALUES (?, ?, ?)", (pblock, n, sums))
 
     def clear_csums(self, pblock: int, nblocks: int):
         """Forget the checksums of blocks [pblock, pblock+nblocks); runs reaching outside are cut.
-        Returns the run (pblock, nblocks, sums) that now ends at pblock, or None."""
+        Returns (pblock, nblocks) of the run that now ends at pblock, or None. (BLOBs are read only
+        where a run is cut.)"""
         end = pblock + nblocks
         db = self.db
-        prev = db.execute("SELECT pblock, nblocks, sums FROM csums WHERE pblock < ? ORDER BY pblock DESC LIMIT 1",
+        prev = db.execute("SELECT pblock, nblocks FROM csums WHERE pblock < ? ORDER BY pblock DESC LIMIT 1",
                           (pblock,)).fetchone()
-        last = db.execute("SELECT pblock, nblocks, sums FROM csums WHERE pblock >= ? AND pblock < ? "
+        last = db.execute("SELECT pblock, nblocks FROM csums WHERE pblock >= ? AND pblock < ? "
                           "ORDER BY pblock DESC LIMIT 1", (pblock, end)).fetchone()
-        keep = []                                    # (pblock, nblocks, sums) of the pieces outside
+        keep = None                                  # (pblock, nblocks, sums) of the piece past the end
         before = prev if prev and prev[0] + prev[1] == pblock else None
         if prev and prev[0] + prev[1] > pblock:
-            p, n, blob = prev
-            before = (p, pblock - p, blob[:8 * (pblock - p)])
-            db.execute("UPDATE csums SET nblocks=?, sums=? WHERE pblock=?", before[1:] + (p,))
-            last = last or prev
+            p, n = prev
+            blob = db.execute("SELECT sums FROM csums WHERE pblock=?", (p,)).fetchone()[0]
+            before = (p, pblock - p)
+            db.execute("UPDATE csums SET nblocks=?, sums=? WHERE pblock=?", (pblock - p, blob[:8 * (pblock - p)], p))
+            if p + n > end:
+                keep = (end, p + n - end, blob[8 * (end - p):])
         if last and last[0] + last[1] > end:
-            p, n, blob = last
-            keep.append((end, p + n - end, blob[8 * (end - p):]))
-        if last and last[0] >= pblock:
+            p, n = last
+            blob = db.execute("SELECT sums FROM csums WHERE pblock=?", (p,)).fetchone()[0]
+            keep = (end, p + n - end, blob[8 * (end - p):])
+        if last:
             db.execute("DELETE FROM csums WHERE pblock >= ? AND pblock < ?", (pblock, end))
         if keep:
-            db.executemany("INSERT INTO csums(pblock, nblocks, sums) VALUES (?, ?, ?)", keep)
+            db.execute("INSERT INTO csums(pblock, nblocks, sums) VALUES (?, ?, ?)", keep)
         return before
 
     def csums(self, pblock: int, nblocks: int) -> list:

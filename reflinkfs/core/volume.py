@@ -731,11 +731,11 @@ class Volume:
 
     def _write_op(self, ino: int, offset: int, data) -> None:
         with self._op():
-            a = self._reg(ino)
+            self._reg(ino)
             self._write_range(ino, offset, data)
-            if offset + len(data) > a.size:
-                self.db.execute("UPDATE inodes SET size=? WHERE ino=?", (offset + len(data), ino))
-            self._touch(ino)
+            now = time.time_ns()
+            self.db.execute("UPDATE inodes SET size=MAX(size, ?), mtime_ns=?, ctime_ns=? WHERE ino=?",
+                            (offset + len(data), now, now, ino))
 
     def _write_range(self, ino: int, offset: int, data) -> None:
         """Write bytes at any offset: partial first/last blocks are merged with their old contents."""

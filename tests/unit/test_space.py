@@ -4,7 +4,7 @@ import os
 
 import pytest
 
-from reflinkfs.core.space import Space
+from reflinkfs.core.space import CSUM_EXTEND, Space
 from reflinkfs.meta.schema import CSUM_RUN, pack_sums, unpack_sums
 from reflinkfs.errors import FsError
 from reflinkfs.meta import schema
@@ -97,15 +97,24 @@ def test_checksums_are_runs_cut_where_a_later_write_overlaps(space):
     assert space.csums(4, 5) == [4, None, None, None, 8]
 
 
-def test_writes_that_continue_a_run_extend_it_up_to_csum_run_blocks(space):
+def test_small_writes_that_continue_a_run_extend_it_up_to_csum_run_blocks(space):
     space.alloc(2 * CSUM_RUN)
-    third = CSUM_RUN // 3
-    for k in range(4):
-        space.set_csums(k * third, pack_sums(range(k * third, (k + 1) * third)))
-    assert [(p, n) for p, n, _ in csum_rows(space)] == [(0, 3 * third), (3 * third, third)]
-    assert space.csums(0, 4 * third) == list(range(4 * third))
-    space.set_csums(8 * third, pack_sums([5]))                # not continuing anything: a run of its own
-    assert [(p, n) for p, n, _ in csum_rows(space)][-1] == (8 * third, 1)
+    w = CSUM_EXTEND
+    writes = CSUM_RUN // w + 1
+    for k in range(writes):
+        space.set_csums(k * w, pack_sums(range(k * w, (k + 1) * w)))
+    assert [(p, n) for p, n, _ in csum_rows(space)] == [(0, CSUM_RUN), (CSUM_RUN, w)]
+    assert space.csums(0, writes * w) == list(range(writes * w))
+    space.set_csums(CSUM_RUN + 3 * w, pack_sums([5]))          # not continuing anything: a run of its own
+    assert [(p, n) for p, n, _ in csum_rows(space)][-1] == (CSUM_RUN + 3 * w, 1)
+
+
+def test_a_large_write_gets_a_checksum_run_of_its_own(space):
+    space.alloc(4 * CSUM_EXTEND)
+    space.set_csums(0, pack_sums([1] * 10))
+    space.set_csums(10, pack_sums(range(CSUM_EXTEND + 1)))       # continues the run, but is large
+    assert [(p, n) for p, n, _ in csum_rows(space)] == [(0, 10), (10, CSUM_EXTEND + 1)]
+    assert space.csums(8, 4) == [1, 1, 0, 1]
 
 
 def test_decref_of_unused_blocks_is_an_io_error(space):
