@@ -245,13 +245,20 @@ class Operations(pyfuse3.Operations):
 
     @_translate
     async def readdir(self, fh, start_id, token):
-        after = start_id
+        """"." and "..", then the entries in id order. The offset after "." is 1, after ".." 2, after an
+        entry its id + 2 (ids start at 1), so a listing resumes where it stopped while entries change."""
+        if start_id < 1 and not pyfuse3.readdir_reply(token, b".", self.entry(self.vol.getattr(fh)), 1):
+            return
+        if start_id < 2 and not pyfuse3.readdir_reply(token, b"..", self.entry(self.vol.lookup(fh, b"..")), 2):
+            return
+        # the kernel makes no dentry for "." and "..", so they are not counted as lookups
+        after = max(0, start_id - 2)
         while True:
             rows = self.vol.readdir(fh, after)
             if not rows:
                 return
             for dirent_id, name, a in rows:
-                if not pyfuse3.readdir_reply(token, name, self.entry(a), dirent_id):
+                if not pyfuse3.readdir_reply(token, name, self.entry(a), dirent_id + 2):
                     return
                 self.vol.looked_up(a.ino)     # readdirplus: the kernel counts this entry as a lookup
                 after = dirent_id

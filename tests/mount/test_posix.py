@@ -559,6 +559,28 @@ def test_readdir_large(workdir):
     assert all(kinds.values()) and set(kinds) == names
 
 
+def _ls_a(d) -> list[tuple[int, str]]:
+    """(inode, name) of every entry `ls -a` lists, "." and ".." included."""
+    out = subprocess.run(["ls", "-a1i", str(d)], check=True, capture_output=True, text=True).stdout
+    return [(int(ino), name) for ino, name in (line.split(None, 1) for line in out.splitlines())]
+
+
+def test_readdir_lists_dot_and_dotdot(workdir):
+    sub = workdir / "sub"
+    sub.mkdir()
+    (sub / "f").write_bytes(b"x")
+    assert _ls_a(sub) == [(sub.stat().st_ino, "."), (workdir.stat().st_ino, ".."), ((sub / "f").stat().st_ino, "f")]
+    root = workdir
+    while os.path.ismount(root) is False:
+        root = root.parent
+    listed = dict((name, ino) for ino, name in _ls_a(root))
+    assert listed["."] == root.stat().st_ino and listed[".."] == root.parent.stat().st_ino   # as on any mount
+    for i in range(1200):                     # a listing over many kernel requests: each name once
+        os.close(os.open(sub / f"e{i:04d}", os.O_CREAT | os.O_WRONLY, 0o644))
+    names = [name for _, name in _ls_a(sub)]
+    assert names.count(".") == names.count("..") == 1 and len(names) == len(set(names)) == 1203
+
+
 def test_readdir_concurrent_changes(workdir):
     stable = {f"stable-{i:04d}" for i in range(300)}
     victims = [f"victim-{i:04d}" for i in range(300)]
