@@ -87,5 +87,8 @@ class UncachedIO:
     def drop_inode(self, ino: int, lblock: int, lend: int | None) -> None:
         """A file's mapping of [lblock, lend) changed (lend None = to the end)."""
 
+    def close(self) -> None:
+        """Stop what runs in the background (before the data file closes)."""
+
     def stats(self) -> dict:
         return {"mode": self.name, "bytes_served": self.bytes_served}

@@ -119,12 +119,13 @@ class DataFile:
             self._buf = mmap.mmap(-1, max(nbytes, 1 << 20))
         return self._buf
 
-    def read(self, pblock: int, nblocks: int) -> bytes:
-        """Read nblocks blocks; blocks past the end of the file read as zeros."""
+    def read(self, pblock: int, nblocks: int, buf: "AlignedBuffer | None" = None) -> bytes:
+        """Read nblocks blocks; blocks past the end of the file read as zeros. Another thread than the
+        loop's may read too, with a buffer of its own (`buf`)."""
         nbytes = nblocks * BLOCK_SIZE
         pos = pblock * BLOCK_SIZE
         end = pblock + nblocks
-        if nblocks == 1 and self._last is not None and self._last[0] == pblock:
+        if buf is None and nblocks == 1 and self._last is not None and self._last[0] == pblock:
             self._stats.last_block_hits += 1
             return self._last[1]
         with self._cond:       # taken before the file is read: what leaves the queue later is in the file
@@ -134,9 +135,9 @@ class DataFile:
             self._drop_pages()            # start their writeback; the O_DIRECT read below waits for it
         try:
             if self._dfd >= 0:
-                buf = self._aligned(nbytes)
-                got = os.preadv(self._dfd, [memoryview(buf)[:nbytes]], pos)
-                data = buf[:got]
+                mem = buf.get(nbytes) if buf is not None else self._aligned(nbytes)
+                got = os.preadv(self._dfd, [memoryview(mem)[:nbytes]], pos)
+                data = mem[:got]
                 with self._cond:
                     settled = _overlaps(self._settling, pblock, end)
                     if settled:
@@ -148,8 +149,9 @@ class DataFile:
                 os.posix_fadvise(self._fd, pos, nbytes, os.POSIX_FADV_DONTNEED)
         except OSError as e:
             raise FsError(e.errno or errno.EIO, f"data file read failed at block {pblock}: {e.strerror}")
-        self._stats.reads += 1
-        self._stats.bytes_read += len(data)
+        with self._cond:                  # the loader thread counts too
+            self._stats.reads += 1
+            self._stats.bytes_read += len(data)
         if len(data) < nbytes:
             data = data + bytes(nbytes - len(data))
         if queued:
@@ -369,3 +371,21 @@ class Barrier:
 
 def _overlaps(intervals: IntervalSet, start: int, end: int) -> bool:
     return any(inside for _, _, inside in intervals.pieces(start, end))
+
+
+class AlignedBuffer:
+    """A page-aligned buffer for O_DIRECT reads, for a thread that reads the data file besides the loop."""
+
+    def __init__(self):
+        self._mem: mmap.mmap | None = None
+
+    def get(self, nbytes: int) -> mmap.mmap:
+        if self._mem is None or len(self._mem) < nbytes:
+            self.close()
+            self._mem = mmap.mmap(-1, max(nbytes, 1 << 20))
+        return self._mem
+
+    def close(self) -> None:
+        if self._mem is not None:
+            self._mem.close()
+            self._mem = None

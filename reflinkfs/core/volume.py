@@ -219,6 +219,7 @@ class Volume:
         self._lookups.clear()
         self._purge_orphans()
         self.commit()
+        self.io.close()
         self.data.close()
         if self._ckpt_db is not None:
             self._ckpt_db.close()
