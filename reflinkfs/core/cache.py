@@ -66,6 +66,15 @@ class Entry:
         self.phys = phys        # physical runs the unit holds (inode mode), for statistics
 
 
+def _units(buf, sums: list, count: int) -> list[Entry]:
+    """`count` units of buf (read from the data file), each block valid if it matches its checksum."""
+    ok = verified(buf, sums)
+    mv = memoryview(buf)
+    return [Entry(bytes(mv[k * UNIT:(k + 1) * UNIT]),
+                  sum(1 << i for i in range(UNIT_BLOCKS) if ok[k * UNIT_BLOCKS + i]), None)
+            for k in range(count)]
+
+
 class _Job:
     """Units [u0, u0+count) to load in the loader thread, with the checksums fetched when it was made."""
     __slots__ = ("u0", "count", "sums", "entries", "stale", "done")
@@ -110,11 +119,7 @@ class Loader:
     def _load(self, job: _Job, mem: AlignedBuffer) -> None:
         try:
             buf = self.data.read(job.u0 * UNIT_BLOCKS, job.count * UNIT_BLOCKS, mem)
-            ok = verified(buf, job.sums)
-            mv = memoryview(buf)
-            job.entries = [Entry(bytes(mv[k * UNIT:(k + 1) * UNIT]),
-                                 sum(1 << i for i in range(UNIT_BLOCKS) if ok[k * UNIT_BLOCKS + i]), None)
-                           for k in range(job.count)]
+            job.entries = _units(buf, job.sums, job.count)
         except Exception:      # noqa: BLE001 - a failed readahead only means the loop reads it itself
             job.entries = None
         finally:
@@ -303,12 +308,9 @@ class SharedCache(_CacheBase):
     def _load_units(self, u0: int, count: int) -> dict:
         """Load `count` consecutive physical units with one data-file read; verify what has a checksum."""
         buf = self.data.read(u0 * UNIT_BLOCKS, count * UNIT_BLOCKS)
-        ok = verified(buf, self.space.csums(u0 * UNIT_BLOCKS, count * UNIT_BLOCKS))
-        mv = memoryview(buf)
         loaded = {}
-        for k in range(count):
-            valid = sum(1 << i for i in range(UNIT_BLOCKS) if ok[k * UNIT_BLOCKS + i])
-            loaded[u0 + k] = e = Entry(bytes(mv[k * UNIT:(k + 1) * UNIT]), valid, None)
+        for k, e in enumerate(_units(buf, self.space.csums(u0 * UNIT_BLOCKS, count * UNIT_BLOCKS), count)):
+            loaded[u0 + k] = e
             self._put(u0 + k, e)
         return loaded
 

@@ -119,9 +119,10 @@ class DataFile:
             self._buf = mmap.mmap(-1, max(nbytes, 1 << 20))
         return self._buf
 
-    def read(self, pblock: int, nblocks: int, buf: "AlignedBuffer | None" = None) -> bytes:
+    def read(self, pblock: int, nblocks: int, buf: "AlignedBuffer | None" = None):
         """Read nblocks blocks; blocks past the end of the file read as zeros. Another thread than the
-        loop's may read too, with a buffer of its own (`buf`)."""
+        loop's may read too, with a buffer of its own (`buf`); the result is then a view into that
+        buffer, valid until its next read (the caller copies what it keeps), else `bytes`."""
         nbytes = nblocks * BLOCK_SIZE
         pos = pblock * BLOCK_SIZE
         end = pblock + nblocks
@@ -137,7 +138,11 @@ class DataFile:
             if self._dfd >= 0:
                 mem = buf.get(nbytes) if buf is not None else self._aligned(nbytes)
                 got = os.preadv(self._dfd, [memoryview(mem)[:nbytes]], pos)
-                data = mem[:got]
+                if buf is not None:           # no copy: the caller copies each unit out of it
+                    mem[got:nbytes] = bytes(nbytes - got)
+                    data = memoryview(mem)[:nbytes]
+                else:
+                    data = mem[:got]
                 with self._cond:
                     settled = _overlaps(self._settling, pblock, end)
                     if settled:
@@ -151,7 +156,7 @@ class DataFile:
             raise FsError(e.errno or errno.EIO, f"data file read failed at block {pblock}: {e.strerror}")
         with self._cond:                  # the loader thread counts too
             self._stats.reads += 1
-            self._stats.bytes_read += len(data)
+            self._stats.bytes_read += got if self._dfd >= 0 else len(data)
         if len(data) < nbytes:
             data = data + bytes(nbytes - len(data))
         if queued:
