@@ -172,9 +172,13 @@ class DaemonTarget(Target):
         if self.prefix:
             cmd = [a.replace("{target}", f"{self.name}-{self.mounts}") for a in self.prefix] + cmd
         self.mounts += 1
+        # Not cwd=ROOT: `python -m` puts the working directory first on sys.path, ahead of PYTHONPATH, so a
+        # --variant daemon would import this tree's code instead of its own. This tree comes first on
+        # PYTHONPATH instead, where a variant's own `env PYTHONPATH=...` replaces it.
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (ROOT, os.environ.get("PYTHONPATH")) if p)}
         with open(self.logfile, "ab") as lf:
-            self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=lf, stderr=lf, cwd=ROOT,
-                                         start_new_session=True)
+            self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=lf, stderr=lf,
+                                         cwd=os.path.dirname(self.mnt), env=env, start_new_session=True)
         deadline = time.monotonic() + 60
         while not is_mounted(self.mnt):
             if self.proc.poll() is not None:
@@ -484,6 +488,8 @@ class Bench:
                     st = t.status()
                     if not st.get("copy_file_range_handled"):
                         log(f"WARNING: {t.name}: copy_file_range is not handled; cp copies bytes")
+                    log(f"{t.name}: daemon code from {st.get('code')}")
+                    self.notes[f"{t.name}_code"] = st.get("code")
                     self.notes[f"{t.name}_clones_after_setup"] = st.get("clones")
 
     def measure(self) -> None:
