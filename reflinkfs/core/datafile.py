@@ -69,7 +69,7 @@ class DataFile:
             except OSError:
                 self._dfd = -1
         self._stats = DataFileStats(direct_io=self._dfd >= 0)
-        self._buf: mmap.mmap | None = None
+        self._buf = AlignedBuffer()        # the loop's, for O_DIRECT reads
         self._last: tuple[int, bytes] | None = None   # (pblock, contents) of the last block written
         # shared with the writer thread, under _cond:
         self._cond = threading.Condition()
@@ -102,22 +102,13 @@ class DataFile:
             if fd >= 0:
                 os.close(fd)
         self._fd = self._dfd = -1
-        if self._buf is not None:
-            self._buf.close()
-            self._buf = None
+        self._buf.close()
 
     def stats(self) -> DataFileStats:
         return DataFileStats(**vars(self._stats))
 
     def size_blocks(self) -> int:
         return os.fstat(self._fd).st_size // BLOCK_SIZE
-
-    def _aligned(self, nbytes: int) -> mmap.mmap:
-        if self._buf is None or len(self._buf) < nbytes:
-            if self._buf is not None:
-                self._buf.close()
-            self._buf = mmap.mmap(-1, max(nbytes, 1 << 20))
-        return self._buf
 
     def read(self, pblock: int, nblocks: int, buf: "AlignedBuffer | None" = None):
         """Read nblocks blocks; blocks past the end of the file read as zeros. Another thread than the
@@ -136,7 +127,7 @@ class DataFile:
             self._drop_pages()            # start their writeback; the O_DIRECT read below waits for it
         try:
             if self._dfd >= 0:
-                mem = buf.get(nbytes) if buf is not None else self._aligned(nbytes)
+                mem = (buf or self._buf).get(nbytes)
                 got = os.preadv(self._dfd, [memoryview(mem)[:nbytes]], pos)
                 if buf is not None:           # no copy: the caller copies each unit out of it
                     mem[got:nbytes] = bytes(nbytes - got)
@@ -379,7 +370,7 @@ def _overlaps(intervals: IntervalSet, start: int, end: int) -> bool:
 
 
 class AlignedBuffer:
-    """A page-aligned buffer for O_DIRECT reads, for a thread that reads the data file besides the loop."""
+    """A page-aligned buffer for O_DIRECT reads: the loop's own, and one per other thread that reads."""
 
     def __init__(self):
         self._mem: mmap.mmap | None = None
