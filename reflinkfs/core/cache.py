@@ -7,9 +7,9 @@ the behaviour of a per-inode page cache — so the two can be measured side by s
 unit size, budget, eviction policy and code path are shared.
 
 Units: the cache holds immutable `bytes` objects of UNIT_BLOCKS blocks (64 KiB), aligned in the key's
-address space (physical for `shared`, logical for `inode`). Readers get memoryviews into them. A unit is
-never changed in place: a write drops the units it covers, so a buffer a reader (or another file) holds
-never changes under it, and copy-on-write leaves the shared original untouched by construction.
+address space (physical for `shared`, logical for `inode`). Readers get them whole or as memoryviews into
+them. A unit is never changed in place: a write drops the units it covers, so a buffer a reader (or another
+file) holds never changes under it, and copy-on-write leaves the shared original untouched by construction.
 
 Coherence: every write of the data file goes through here (`write`), and drops the units it touches; freed
 physical blocks drop their units; a change of a file's mapping drops that file's units in `inode` mode.
@@ -42,6 +42,7 @@ it, and those are dropped when they arrive: the cache never takes in bytes older
 from __future__ import annotations
 
 import errno
+import operator
 import queue
 import threading
 from collections import OrderedDict
@@ -73,6 +74,10 @@ def _units(buf, sums: list, count: int) -> list[Entry]:
     return [Entry(bytes(mv[k * UNIT:(k + 1) * UNIT]),
                   sum(1 << i for i in range(UNIT_BLOCKS) if ok[k * UNIT_BLOCKS + i]), None)
             for k in range(count)]
+
+
+_valid = operator.attrgetter("valid")
+_buf = operator.attrgetter("buf")
 
 
 class _Job:
@@ -155,6 +160,14 @@ class Policy:
         if key in self.protected:
             self.protected.move_to_end(key)
         # a hit in probation is a correlated reference (same scan): it does not promote
+
+    def touch_range(self, start: int, end: int) -> None:
+        """touch() every key in range(start, end)."""
+        protected = self.protected
+        if protected:
+            for key in range(start, end):
+                if key in protected:
+                    protected.move_to_end(key)
 
     def insert(self, key) -> list:
         """Admit a newly loaded unit; return the keys to evict (bounded: at most two)."""
@@ -281,28 +294,36 @@ class SharedCache(_CacheBase):
         return super().read_blocks(ino, lstart, lend)
 
     def _cached_views(self, pb: int, n: int) -> list | None:
-        """Views of physical blocks [pb, pb+n) if every unit they touch is cached and verified, else None
-        (nothing counted: the general path then does the work)."""
-        entries = self.entries
-        views = []
-        units = []
-        p, end = pb, pb + n
-        while p < end:
-            u, i0 = divmod(p, UNIT_BLOCKS)
-            e = entries.get(u)
-            if e is None:
+        """Buffers holding physical blocks [pb, pb+n) if every unit they touch is cached and verified, else
+        None (nothing counted: the general path then does the work). A whole unit is its `bytes` object
+        itself; only a partly read unit costs a memoryview."""
+        u0, i0 = divmod(pb, UNIT_BLOCKS)
+        u1, i1 = divmod(pb + n - 1, UNIT_BLOCKS)
+        i1 += 1
+        head = ALL_VALID ^ ((1 << i0) - 1)        # the blocks read of the first unit
+        tail = (1 << i1) - 1                      # ... and of the last
+        get = self.entries.get
+        if u0 == u1:
+            e = get(u0)
+            mask = head & tail
+            if e is None or e.valid & mask != mask:
                 return None
-            i1 = min(UNIT_BLOCKS, end - u * UNIT_BLOCKS)
-            mask = ((1 << i1) - 1) ^ ((1 << i0) - 1)
-            if e.valid & mask != mask:
+            views = [e.buf if mask == ALL_VALID else memoryview(e.buf)[i0 * BS:i1 * BS]]
+        else:
+            es = list(map(get, range(u0, u1 + 1)))
+            if None in es:
                 return None
-            views.append(memoryview(e.buf)[i0 * BS:i1 * BS])
-            units.append(u)
-            p = (u + 1) * UNIT_BLOCKS
-        touch = self.policy.touch
-        for u in units:
-            touch(u)
-        self.hits += len(units)
+            first, last = es[0], es[-1]
+            if (first.valid & head != head or last.valid & tail != tail
+                    or (u1 - u0 > 1 and min(map(_valid, es[1:-1])) != ALL_VALID)):
+                return None
+            views = list(map(_buf, es))
+            if i0:
+                views[0] = memoryview(first.buf)[i0 * BS:]
+            if i1 < UNIT_BLOCKS:
+                views[-1] = memoryview(last.buf)[:i1 * BS]
+        self.policy.touch_range(u0, u1 + 1)
+        self.hits += u1 + 1 - u0
         return views
 
     def _load_units(self, u0: int, count: int) -> dict:

@@ -145,8 +145,14 @@ class ReadMemo:
 def _clip(extents: list, start: int, end: int) -> list:
     """The extents overlapping [start, end), clipped to it (extents sorted by lblock)."""
     i = bisect.bisect_right(extents, (start, END)) - 1
-    if i < 0 or extents[i][0] + extents[i][2] <= start:
-        i += 1
+    if i >= 0:
+        lb, pb, n = extents[i]
+        if end <= lb + n:                       # one extent holds the whole range: the commonest read
+            return [(start, pb + start - lb, end - start)]
+        if lb + n <= start:
+            i += 1
+    else:
+        i = 0
     out = []
     while i < len(extents) and extents[i][0] < end:
         lb, pb, n = extents[i]

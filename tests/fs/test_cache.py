@@ -292,7 +292,14 @@ def test_readahead_over_a_damaged_block_fails_only_the_read_that_asks_for_it(ope
     with pytest.raises(FsError) as e:
         v.read(f, 6 * UNIT, UNIT)
     assert e.value.errno == errno.EIO and f"byte offset {6 * UNIT + 3 * BS}" in e.value.message
+    # reads over several cached units: the damaged block fails them wherever it falls in the read
+    for off, size in ((5 * UNIT, 3 * UNIT), (5 * UNIT + BS, UNIT + 4 * BS), (6 * UNIT + 3 * BS, 2 * UNIT)):
+        with pytest.raises(FsError) as e:
+            v.read(f, off, size)
+        assert e.value.errno == errno.EIO and f"byte offset {6 * UNIT + 3 * BS}" in e.value.message
     # the good blocks of the damaged unit still read, in either mode
+    assert bytes(v.read(f, 6 * UNIT + 4 * BS, UNIT + BS)) == data[6 * UNIT + 4 * BS:7 * UNIT + 5 * BS]
+    assert bytes(v.read(f, 5 * UNIT + BS, UNIT + 2 * BS)) == data[5 * UNIT + BS:6 * UNIT + 3 * BS]
     assert bytes(v.read(f, 6 * UNIT + 4 * BS, 2 * BS)) == data[6 * UNIT + 4 * BS:6 * UNIT + 6 * BS]
     assert bytes(v.read(f, 6 * UNIT, 3 * BS)) == data[6 * UNIT:6 * UNIT + 3 * BS]
 
