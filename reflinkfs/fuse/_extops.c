@@ -15,8 +15,9 @@
  * fuse_session_destroy is interposed the same way so that a Request object
  * that outlives its session never touches freed libfuse memory.
  *
- * fuse_session_process_buf is interposed too, for one thing: Linux 6.18
- * sends FUSE_COPY_FILE_RANGE_64 first, which libfuse 3.14 does not know and
+ * fuse_session_process_buf is interposed too, for two things.  The second is
+ * the read chain (below).  The first: Linux 6.18 sends
+ * FUSE_COPY_FILE_RANGE_64 first, which libfuse 3.14 does not know and
  * answers ENOSYS.  The kernel then retries with FUSE_COPY_FILE_RANGE, but
  * when two first copies race, the second ENOSYS is taken for the older
  * request's and copy_file_range is switched off for the whole mount (every
@@ -33,6 +34,19 @@
  * to the kernel with one fuse_reply_iov(): a read served from several cache
  * units is never joined into one new buffer.  Without a handler, pyfuse3's
  * own read handler serves the request as before.
+ *
+ * Read chains: pyfuse3's loop goes through trio for every request (a lock,
+ * wait_readable, a task switch), which costs more than serving a cached read.
+ * So after a read that op_read answered inline, the interposed
+ * fuse_session_process_buf waits up to chain_wait_ns for the next request
+ * (ppoll, GIL released) and, if one comes, receives it into the same buffer
+ * and processes it at once.  The chain goes on while the requests are such
+ * reads and ends at the first other request: that one is processed the usual
+ * way, and the coroutine pyfuse3's handler left for it is awaited by
+ * pyfuse3's loop as soon as we return.  A chain ends after CHAIN_MAX requests
+ * or CHAIN_MAX_NS, at a timeout, a signal, an error or session exit, so the
+ * loop's other work (timers, signals, other requests' tasks) waits at most
+ * about that long.  A failed receive leaves the error for the loop to see.
  *
  * The C handlers run inside fuse_session_process_buf(), which pyfuse3 calls
  * from trio's thread with the GIL held.  They still use PyGILState_Ensure so
@@ -56,7 +70,9 @@
 #include <errno.h>
 #include <stdint.h>
 #include <string.h>
+#include <poll.h>
 #include <sys/uio.h>
+#include <time.h>
 
 #define EXPORT __attribute__((visibility("default")))
 
@@ -75,6 +91,7 @@ struct wire_in_header {
 };
 #define WIRE_COPY_FILE_RANGE 47
 #define WIRE_COPY_FILE_RANGE_64 53
+#define WIRE_READ 15
 /* The largest count one reply may carry: the older request's reply has 32
  * bits for it (the kernel clamps the older request's length the same way). */
 #define COPY_MAX ((size_t)0xfffff000u)
@@ -92,6 +109,10 @@ static unsigned long long n_copy_file_range_64 = 0; /* ... of them sent as COPY_
 static unsigned long long n_fallocate = 0;
 static unsigned long long n_default_replies = 0; /* ENOSYS/EOPNOTSUPP fallbacks */
 static unsigned long long n_dropped = 0;         /* Requests replied EIO in dealloc */
+static unsigned long long n_chained = 0;         /* requests received by a read chain */
+#define CHAIN_MAX 256                            /* requests per chain, at most, */
+#define CHAIN_MAX_NS 2000000LL                   /* ... and time: the loop's other work waits meanwhile */
+static long chain_wait_ns = 100000;              /* how long a chain waits for the next request */
 static unsigned long long n_read = 0;            /* reads served by h_read */
 
 typedef void (*read_fn)(fuse_req_t, fuse_ino_t, size_t, off_t, struct fuse_file_info *);
@@ -506,20 +527,12 @@ EXPORT void fuse_session_destroy(struct fuse_session *se)
         real(se);
 }
 
-EXPORT void fuse_session_process_buf(struct fuse_session *se, const struct fuse_buf *buf)
+/* Relabel (see the top of this file), then hand the request to libfuse. */
+static void process_one(process_buf_fn real, struct fuse_session *se, const struct fuse_buf *buf)
 {
-    static process_buf_fn real = NULL;
-    if (real == NULL) {
-        real = (process_buf_fn)dlvsym(RTLD_NEXT, "fuse_session_process_buf", "FUSE_3.0");
-        if (real == NULL)
-            real = (process_buf_fn)dlsym(RTLD_NEXT, "fuse_session_process_buf");
-        if (real == NULL)
-            return;   /* cannot happen with libfuse3 loaded; nothing sane to do */
-    }
 #if defined(__BYTE_ORDER__) && __BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__
-    /* See the top of this file.  Only requests read into memory can be
-     * relabelled (libfuse reads into a pipe only for a write_buf handler,
-     * which pyfuse3 does not register). */
+    /* Only requests read into memory can be relabelled (libfuse reads into a
+     * pipe only for a write_buf handler, which pyfuse3 does not register). */
     if (g_interposed && !(buf->flags & FUSE_BUF_IS_FD) && buf->mem != NULL
         && buf->size >= sizeof(struct wire_in_header)) {
         struct wire_in_header *in = (struct wire_in_header *)buf->mem;
@@ -530,6 +543,66 @@ EXPORT void fuse_session_process_buf(struct fuse_session *se, const struct fuse_
     }
 #endif
     real(se, buf);
+}
+
+/* A read that op_read will answer before libfuse returns (it leaves no
+ * coroutine for pyfuse3's loop to await). */
+static int served_inline(const struct fuse_buf *buf)
+{
+    return h_read != NULL && !(buf->flags & FUSE_BUF_IS_FD) && buf->mem != NULL
+        && buf->size >= sizeof(struct wire_in_header)
+        && ((struct wire_in_header *)buf->mem)->opcode == WIRE_READ;
+}
+
+static long long now_ns(void)
+{
+    struct timespec t;
+    clock_gettime(CLOCK_MONOTONIC, &t);
+    return t.tv_sec * 1000000000LL + t.tv_nsec;
+}
+
+/* Wait up to chain_wait_ns for the next request; 1 if one is there. */
+static int next_request_ready(int fd)
+{
+    struct pollfd p = {.fd = fd, .events = POLLIN};
+    struct timespec ts = {.tv_sec = 0, .tv_nsec = chain_wait_ns};
+    int r;
+    if (PyGILState_Check()) {
+        Py_BEGIN_ALLOW_THREADS
+        r = ppoll(&p, 1, &ts, NULL);
+        Py_END_ALLOW_THREADS
+    } else {
+        r = ppoll(&p, 1, &ts, NULL);
+    }
+    return r == 1 && (p.revents & (POLLIN | POLLERR | POLLHUP)) == POLLIN;
+}
+
+EXPORT void fuse_session_process_buf(struct fuse_session *se, const struct fuse_buf *buf)
+{
+    static process_buf_fn real = NULL;
+    if (real == NULL) {
+        real = (process_buf_fn)dlvsym(RTLD_NEXT, "fuse_session_process_buf", "FUSE_3.0");
+        if (real == NULL)
+            real = (process_buf_fn)dlsym(RTLD_NEXT, "fuse_session_process_buf");
+        if (real == NULL)
+            return;   /* cannot happen with libfuse3 loaded; nothing sane to do */
+    }
+    int chain = chain_wait_ns > 0 && served_inline(buf);
+    process_one(real, se, buf);
+    /* Read chain (see the top of this file).  The buffer is the caller's own
+     * receive buffer (pyfuse3 passes its loop's fuse_buf): it is free again,
+     * since an inline read has been answered and nothing else refers to it. */
+    struct fuse_buf *b = (struct fuse_buf *)buf;
+    long long deadline = chain ? now_ns() + CHAIN_MAX_NS : 0;
+    for (int i = 0; chain && i < CHAIN_MAX && !fuse_session_exited(se); i++) {
+        if (now_ns() >= deadline || !next_request_ready(fuse_session_fd(se)))
+            break;
+        if (fuse_session_receive_buf(se, b) <= 0)
+            break;                          /* EINTR, ENOENT, or exit: the loop sees it next */
+        n_chained++;
+        chain = served_inline(b);
+        process_one(real, se, b);
+    }
 }
 
 /* ---- module functions --------------------------------------------------- */
@@ -567,6 +640,19 @@ static PyObject *m_set_read_handler(PyObject *mod, PyObject *arg)
     Py_RETURN_NONE;
 }
 
+static PyObject *m_set_read_chain(PyObject *mod, PyObject *arg)
+{
+    long us = PyLong_AsLong(arg);
+    if (us == -1 && PyErr_Occurred())
+        return NULL;
+    if (us < 0 || us >= 1000000) {
+        PyErr_SetString(PyExc_ValueError, "the chain wait must be 0 to 999999 microseconds");
+        return NULL;
+    }
+    chain_wait_ns = us * 1000;
+    Py_RETURN_NONE;
+}
+
 static PyObject *m_interposed(PyObject *mod, PyObject *unused)
 {
     return PyBool_FromLong(g_interposed);
@@ -574,13 +660,14 @@ static PyObject *m_interposed(PyObject *mod, PyObject *unused)
 
 static PyObject *m_counts(PyObject *mod, PyObject *unused)
 {
-    return Py_BuildValue("{s:K,s:K,s:K,s:K,s:K,s:K}",
+    return Py_BuildValue("{s:K,s:K,s:K,s:K,s:K,s:K,s:K}",
                          "copy_file_range", n_copy_file_range,
                          "copy_file_range_64", n_copy_file_range_64,
                          "fallocate", n_fallocate,
                          "read", n_read,
                          "default_replies", n_default_replies,
-                         "dropped", n_dropped);
+                         "dropped", n_dropped,
+                         "chained", n_chained);
 }
 
 static PyObject *m_last_exception(PyObject *mod, PyObject *unused)
@@ -601,6 +688,11 @@ static PyMethodDef module_methods[] = {
      "read(fh, off, size) -> list of buffers | one buffer | errno (int > 0), called\n"
      "synchronously for every read; None gives reads back to pyfuse3's handler.\n"
      "An exception replies EIO (see last_exception())."},
+    {"set_read_chain", m_set_read_chain, METH_O,
+     "set_read_chain(wait_us)\n\n"
+     "After a read answered by the read handler, wait up to wait_us microseconds for\n"
+     "the next request and serve it at once (0: never; every request then goes back\n"
+     "through pyfuse3's loop)."},
     {"interposed", m_interposed, METH_NOARGS,
      "interposed() -> bool: True once pyfuse3's fuse_session_new went through us."},
     {"counts", m_counts, METH_NOARGS,

@@ -78,6 +78,14 @@ synchronously and returns a list of buffers (``bytes``/``memoryview``), which
 the C side passes to ``fuse_reply_iov()`` as they are: a reply made of several
 cache buffers is never copied into one new buffer, and no coroutine is created
 per read.  Returning an int replies that errno; an exception replies EIO.
+
+Read chains: pyfuse3's loop takes every request through trio (a lock, ``wait_readable``, a task
+switch), which costs more than a cached read itself.  After a read the handler answered, the C side
+waits up to :func:`set_read_chain` microseconds (default 100) for the next request and processes it at
+once; it goes on while the requests are such reads.  The first other request ends the chain and is
+processed the usual way: pyfuse3's loop awaits its coroutine as soon as the chain returns.  A chain
+holds the loop for at most 256 requests or 2 ms.  ``counts()['chained']`` counts the requests
+received by chains.
 """
 
 from __future__ import annotations
@@ -95,6 +103,7 @@ __all__ = [
     "load",
     "set_handlers",
     "set_read_handler",
+    "set_read_chain",
     "interposed",
     "counts",
     "last_exception",
@@ -167,8 +176,9 @@ def interposed() -> bool:
 
 def counts() -> dict[str, int]:
     """Requests received: {'copy_file_range', 'copy_file_range_64', 'fallocate', 'read', 'default_replies',
-    'dropped'} ('copy_file_range_64': those of the copy_file_range requests the kernel sent as
-    FUSE_COPY_FILE_RANGE_64; 'read' counts only reads served by the handler of set_read_handler)."""
+    'dropped', 'chained'} ('copy_file_range_64': those of the copy_file_range requests the kernel sent as
+    FUSE_COPY_FILE_RANGE_64; 'read' counts only reads served by the handler of set_read_handler;
+    'chained': requests received by a read chain, of any kind)."""
     return _require().counts()
 
 
@@ -242,3 +252,9 @@ def set_handlers(copy_file_range: Callable[..., Any] | None = None,
 def set_read_handler(read: Callable[[int, int, int], Any] | None) -> None:
     """Serve reads with ``read(fh, off, size)`` (see "Reads" above), or give them back to pyfuse3 (None)."""
     _require().set_read_handler(read)
+
+
+def set_read_chain(wait_us: int) -> None:
+    """How long, in microseconds, a read chain waits for the next request (see "Reads"); 0 turns chains
+    off."""
+    _require().set_read_chain(wait_us)

@@ -9,7 +9,9 @@ replies with req.reply_write(n); fallocate is a plain handler that replies
 MODE "raise": both handlers record the call and raise.
 MODE "readv": reads go to a handler registered with extops.set_read_handler:
 "src" is answered as a list of 100-byte views, "dst" with the errno EPERM, and
-on "drop" the handler raises (the extension must then answer EIO).
+on "drop" the handler raises (the extension must then answer EIO). Files are
+opened with direct_io, so every read reaches the handler.
+MODE "readv-nochain": the same with read chains turned off (set_read_chain(0)).
 
 Every handler call and every write is appended to LOGFILE as a JSON line.
 """
@@ -49,6 +51,7 @@ class ToyFS(pyfuse3.Operations):
         self.names = {b"src": 2, b"dst": 3, b"drop": 4}
         self.data = {2: bytearray(SRC_DATA), 3: bytearray(), 4: bytearray()}
         self.next_ino = 5
+        self.direct_io = False
 
     def attr(self, ino):
         a = pyfuse3.EntryAttributes()
@@ -91,7 +94,7 @@ class ToyFS(pyfuse3.Operations):
     async def open(self, ino, flags, ctx):
         if ino not in self.data:
             raise pyfuse3.FUSEError(errno.ENOENT)
-        return pyfuse3.FileInfo(fh=ino)
+        return pyfuse3.FileInfo(fh=ino, direct_io=self.direct_io)
 
     async def create(self, parent, name, mode, flags, ctx):
         if parent != ROOT:
@@ -213,10 +216,13 @@ def main():
     elif mode == "raise":
         extops.set_handlers(copy_file_range=fs.raising_copy_file_range,
                             fallocate=fs.raising_fallocate)
-    elif mode == "readv":
+    elif mode in ("readv", "readv-nochain"):
         fs.data[fs.names[b"dst"]] = bytearray(4096)       # not empty: the kernel reads only below EOF
         fs.data[fs.names[b"drop"]] = bytearray(4096)
+        fs.direct_io = True
         extops.set_read_handler(fs.read_parts)
+        if mode == "readv-nochain":
+            extops.set_read_chain(0)
     else:
         raise SystemExit(f"unknown mode {mode!r}")
     opts = set(pyfuse3.default_options)

@@ -289,6 +289,39 @@ def test_read_handler_replies_with_an_iovec_or_an_errno(tmp_path):
     assert "read handler failure" in exit_rec["last_exception"]
 
 
+@pytest.mark.parametrize("mode", ["readv", "readv-nochain"])
+def test_read_chains_serve_reads_and_leave_other_requests_to_the_loop(tmp_path, mode):
+    """Three readers of small direct_io reads, each listing the directory now and then: in a chain, an
+    opendir/readdir arriving between reads must end the chain and have its coroutine awaited by
+    pyfuse3's loop (else a request is never answered and the watchdog fails the test)."""
+    errors = []
+    with toy_mount(tmp_path, mode) as m:
+        def reader(k):
+            fd = os.open(m.path("src"), os.O_RDONLY)
+            try:
+                for i in range(600):
+                    off = (i * 97 + k * 1000) % len(SRC_DATA)
+                    if os.pread(fd, 300, off) != SRC_DATA[off:off + 300]:
+                        errors.append((k, i, off))
+                    if i % 25 == 0 and sorted(os.listdir(m.mnt)) != ["drop", "dst", "src"]:
+                        errors.append((k, i, "listdir"))
+            finally:
+                os.close(fd)
+        threads = [threading.Thread(target=reader, args=(k,)) for k in range(3)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    assert not errors
+    (exit_rec,) = m.records("exit")
+    assert exit_rec["counts"]["read"] == 3 * 600
+    assert exit_rec["counts"]["default_replies"] == 0
+    if mode == "readv":
+        assert exit_rec["counts"]["chained"] > 0
+    else:
+        assert exit_rec["counts"]["chained"] == 0
+
+
 LOAD_AFTER_PYFUSE3 = textwrap.dedent("""
     import pyfuse3
     from reflinkfs.fuse import extops
