@@ -1,14 +1,14 @@
 # `make setup` is idempotent: it installs what reflinkfs needs on a fresh Debian 12 machine (as root).
 VENV    ?= .venv
 PY      := $(VENV)/bin/python
-DEB     := fuse3 libfuse3-dev pkg-config gcc
+DEB     := fuse3 libfuse3-dev libxxhash-dev pkg-config gcc
 STAMP   := $(VENV)/.installed
 
 .PHONY: setup test demo bench clean
 
 setup: $(STAMP)
 
-$(STAMP): pyproject.toml $(wildcard reflinkfs/fuse/*.c)
+$(STAMP): pyproject.toml setup.py $(wildcard reflinkfs/*/*.c)
 	@missing=$$(for p in $(DEB); do dpkg-query -W -f='$${Status}\n' $$p 2>/dev/null | grep -q 'install ok installed' || echo $$p; done); \
 	if [ -n "$$missing" ]; then \
 		echo "installing Debian packages:$$missing"; \
@@ -29,4 +29,4 @@ bench: setup
 	$(PY) scripts/bench.py
 
 clean:
-	rm -rf $(VENV) build *.egg-info reflinkfs/fuse/*.so
+	rm -rf $(VENV) build *.egg-info reflinkfs/*/*.so

@@ -1,4 +1,5 @@
-"""Build the reflinkfs.fuse._extops C extension (everything else is in pyproject.toml)."""
+"""Build the C extensions, reflinkfs.fuse._extops and reflinkfs.core._sums (everything else is in
+pyproject.toml)."""
 import os
 import shlex
 import subprocess
@@ -6,16 +7,18 @@ import subprocess
 from setuptools import Extension, setup
 
 
-def pkg_config(*args):
+def pkg_config(package, debian_package, *args):
     try:
-        out = subprocess.run(["pkg-config", *args, "fuse3"], check=True,
+        out = subprocess.run(["pkg-config", *args, package], check=True,
                              capture_output=True, text=True).stdout
     except (OSError, subprocess.CalledProcessError) as exc:
-        raise SystemExit(f"pkg-config fuse3 failed ({exc}); install pkg-config and libfuse3-dev") from exc
+        raise SystemExit(f"pkg-config {package} failed ({exc}); install pkg-config and {debian_package}") from exc
     return shlex.split(out)
 
 
-cflags, libs = pkg_config("--cflags"), pkg_config("--libs")
+cflags, libs = pkg_config("fuse3", "libfuse3-dev", "--cflags"), pkg_config("fuse3", "libfuse3-dev", "--libs")
+xxh_cflags = pkg_config("libxxhash", "libxxhash-dev", "--cflags")
+xxh_libs = pkg_config("libxxhash", "libxxhash-dev", "--libs")
 HERE = os.path.dirname(os.path.abspath(__file__))
 MAP = "reflinkfs/fuse/extops.map"  # relative: setuptools wants relative paths in depends
 
@@ -29,4 +32,10 @@ setup(ext_modules=[Extension(
     libraries=[f[2:] for f in libs if f.startswith("-l")] + ["dl"],
     extra_link_args=[f for f in libs if not f.startswith(("-l", "-L"))]
     + ["-Wl,--version-script=" + os.path.join(HERE, MAP)],
+), Extension(
+    "reflinkfs.core._sums",
+    sources=["reflinkfs/core/_sums.c"],
+    include_dirs=[f[2:] for f in xxh_cflags if f.startswith("-I")],
+    library_dirs=[f[2:] for f in xxh_libs if f.startswith("-L")],
+    libraries=[f[2:] for f in xxh_libs if f.startswith("-l")],
 )])

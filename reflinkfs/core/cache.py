@@ -71,9 +71,15 @@ def _units(buf, sums: list, count: int) -> list[Entry]:
     """`count` units of buf (read from the data file), each block valid if it matches its checksum."""
     ok = verified(buf, sums)
     mv = memoryview(buf)
-    return [Entry(bytes(mv[k * UNIT:(k + 1) * UNIT]),
-                  sum(1 << i for i in range(UNIT_BLOCKS) if ok[k * UNIT_BLOCKS + i]), None)
+    return [Entry(bytes(mv[k * UNIT:(k + 1) * UNIT]), _mask(ok[k * UNIT_BLOCKS:(k + 1) * UNIT_BLOCKS]), None)
             for k in range(count)]
+
+
+def _mask(ok: list) -> int:
+    """Bit i set where ok[i] (a unit's blocks)."""
+    if all(ok):
+        return ALL_VALID
+    return sum(1 << i for i, good in enumerate(ok) if good)
 
 
 _valid = operator.attrgetter("valid")
