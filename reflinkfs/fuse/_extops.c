@@ -33,15 +33,19 @@
  * called synchronously and returns the reply as a list of buffers, which go
  * to the kernel with one fuse_reply_iov(): a read served from several cache
  * units is never joined into one new buffer.  Without a handler, pyfuse3's
- * own read handler serves the request as before.
+ * own read handler serves the request as before.  `write` goes the same way
+ * through op_write once set_write_handler() registers a handler, which is
+ * called synchronously with the data as `bytes` (no coroutine per write) and
+ * may pass a write on to pyfuse3's handler, e.g. one that must wait.
  *
  * Read chains: pyfuse3's loop goes through trio for every request (a lock,
  * wait_readable, a task switch), which costs more than serving a cached read.
- * So after a read that op_read answered inline, the interposed
- * fuse_session_process_buf waits up to chain_wait_ns for the next request
- * (ppoll, GIL released) and, if one comes, receives it into the same buffer
- * and processes it at once.  The chain goes on while the requests are such
- * reads and ends at the first other request: that one is processed the usual
+ * So after a read or write that op_read / op_write answered inline, the
+ * interposed fuse_session_process_buf waits up to chain_wait_ns for the next
+ * request (ppoll, GIL released) and, if one comes, receives it into the same
+ * buffer and processes it at once.  The chain goes on while the requests are
+ * such reads and writes and ends at the first other request (or a write the
+ * handler passes on to pyfuse3): that one is processed the usual
  * way, and the coroutine pyfuse3's handler left for it is awaited by
  * pyfuse3's loop as soon as we return.  A chain ends after CHAIN_MAX requests
  * or CHAIN_MAX_NS, at a timeout, a signal, an error or session exit, so the
@@ -92,6 +96,7 @@ struct wire_in_header {
 #define WIRE_COPY_FILE_RANGE 47
 #define WIRE_COPY_FILE_RANGE_64 53
 #define WIRE_READ 15
+#define WIRE_WRITE 16
 /* The largest count one reply may carry: the older request's reply has 32
  * bits for it (the kernel clamps the older request's length the same way). */
 #define COPY_MAX ((size_t)0xfffff000u)
@@ -101,6 +106,8 @@ struct wire_in_header {
 static PyObject *h_copy_file_range = NULL; /* strong refs or NULL */
 static PyObject *h_fallocate = NULL;
 static PyObject *h_read = NULL;            /* read(fh, off, size) -> buffers | errno */
+static PyObject *h_write = NULL;           /* write(fh, off, data) -> count | -errno | None */
+static int g_passed = 0;                   /* the last request went to pyfuse3's handler after all */
 static PyObject *last_exc = NULL;          /* last exception raised by a handler */
 
 static volatile int g_interposed = 0;
@@ -114,9 +121,13 @@ static unsigned long long n_chained = 0;         /* requests received by a read 
 #define CHAIN_MAX_NS 2000000LL                   /* ... and time: the loop's other work waits meanwhile */
 static long chain_wait_ns = 100000;              /* how long a chain waits for the next request */
 static unsigned long long n_read = 0;            /* reads served by h_read */
+static unsigned long long n_write = 0;           /* writes given to h_write ... */
+static unsigned long long n_write_passed = 0;    /* ... of which it passed on to pyfuse3 (None) */
 
 typedef void (*read_fn)(fuse_req_t, fuse_ino_t, size_t, off_t, struct fuse_file_info *);
 static read_fn orig_read = NULL;                 /* pyfuse3's read handler */
+typedef void (*write_fn)(fuse_req_t, fuse_ino_t, const char *, size_t, off_t, struct fuse_file_info *);
+static write_fn orig_write = NULL;               /* pyfuse3's write handler */
 
 /* Sessions created through us, and a generation counter bumped whenever one
  * of them is destroyed.  A Request records the generation it was created in;
@@ -487,6 +498,65 @@ static void op_read(fuse_req_t req, fuse_ino_t ino, size_t size, off_t off,
     PyGILState_Release(gs);
 }
 
+/* A write: h_write gets the request's data as a `bytes` object (the one copy
+ * out of libfuse's receive buffer, as pyfuse3 makes).  It answers with the
+ * count written, -errno, or None to pass the request to pyfuse3's own handler
+ * (a write that has to wait). */
+static void op_write(fuse_req_t req, fuse_ino_t ino, const char *buf, size_t size, off_t off,
+                     struct fuse_file_info *fi)
+{
+    PyGILState_STATE gs = PyGILState_Ensure();
+    PyObject *handler = h_write;
+    if (handler == NULL || size > (size_t)PY_SSIZE_T_MAX) {
+        PyGILState_Release(gs);
+        g_passed = 1;
+        if (orig_write != NULL)
+            orig_write(req, ino, buf, size, off, fi);
+        else
+            fuse_reply_err(req, ENOSYS);
+        return;
+    }
+    PyObject *s_type, *s_val, *s_tb;                /* normally all NULL */
+    PyErr_Fetch(&s_type, &s_val, &s_tb);
+    n_write++;
+    PyObject *res = NULL;
+    PyObject *data = PyBytes_FromStringAndSize(buf, (Py_ssize_t)size);
+    if (data != NULL) {
+        Py_INCREF(handler);
+        res = PyObject_CallFunction(handler, "KLO", (unsigned long long)(fi ? fi->fh : 0),
+                                    (long long)off, data);
+        Py_DECREF(handler);
+        Py_DECREF(data);
+    }
+    if (res == Py_None) {
+        Py_DECREF(res);
+        n_write_passed++;
+        g_passed = 1;
+        PyErr_Restore(s_type, s_val, s_tb);
+        PyGILState_Release(gs);
+        if (orig_write != NULL)
+            orig_write(req, ino, buf, size, off, fi);   /* copies the data before it returns */
+        else
+            fuse_reply_err(req, ENOSYS);
+        return;
+    }
+    long long v = (res != NULL && PyLong_Check(res)) ? PyLong_AsLongLong(res) : 0;
+    if (res == NULL || !PyLong_Check(res) || PyErr_Occurred() || v > (long long)size || v < -4095) {
+        if (res != NULL && !PyErr_Occurred())
+            PyErr_Format(PyExc_ValueError, "write handler returned %R", res);
+        keep_exception();
+        n_default_replies++;
+        fuse_reply_err(req, EIO);
+    } else if (v < 0) {
+        fuse_reply_err(req, (int)-v);
+    } else {
+        fuse_reply_write(req, (size_t)v);
+    }
+    Py_XDECREF(res);
+    PyErr_Restore(s_type, s_val, s_tb);
+    PyGILState_Release(gs);
+}
+
 /* ---- the interposed libfuse entry points ------------------------------- */
 
 EXPORT struct fuse_session *
@@ -511,6 +581,12 @@ fuse_session_new(struct fuse_args *args, const struct fuse_lowlevel_ops *op,
     ops.fallocate = op_fallocate;
     orig_read = ops.read;
     ops.read = op_read;
+    orig_write = ops.write;
+    ops.write = op_write;
+    /* libfuse prefers write_buf (pyfuse3 sets it, and it makes libfuse splice
+     * big writes into a pipe); without it every write comes to op_write, in
+     * memory.  pyfuse3's plain write handler serves whatever op_write passes on. */
+    ops.write_buf = NULL;
     g_interposed = 1;
     return real(args, &ops, sizeof(ops), userdata);
 }
@@ -532,7 +608,7 @@ static void process_one(process_buf_fn real, struct fuse_session *se, const stru
 {
 #if defined(__BYTE_ORDER__) && __BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__
     /* Only requests read into memory can be relabelled (libfuse reads into a
-     * pipe only for a write_buf handler, which pyfuse3 does not register). */
+     * pipe only for a write_buf handler, which fuse_session_new removes). */
     if (g_interposed && !(buf->flags & FUSE_BUF_IS_FD) && buf->mem != NULL
         && buf->size >= sizeof(struct wire_in_header)) {
         struct wire_in_header *in = (struct wire_in_header *)buf->mem;
@@ -545,13 +621,15 @@ static void process_one(process_buf_fn real, struct fuse_session *se, const stru
     real(se, buf);
 }
 
-/* A read that op_read will answer before libfuse returns (it leaves no
- * coroutine for pyfuse3's loop to await). */
+/* A read or write that op_read / op_write will answer before libfuse returns
+ * (it leaves no coroutine for pyfuse3's loop to await), unless op_write passes
+ * it on (g_passed). */
 static int served_inline(const struct fuse_buf *buf)
 {
-    return h_read != NULL && !(buf->flags & FUSE_BUF_IS_FD) && buf->mem != NULL
-        && buf->size >= sizeof(struct wire_in_header)
-        && ((struct wire_in_header *)buf->mem)->opcode == WIRE_READ;
+    if ((buf->flags & FUSE_BUF_IS_FD) || buf->mem == NULL || buf->size < sizeof(struct wire_in_header))
+        return 0;
+    uint32_t opcode = ((struct wire_in_header *)buf->mem)->opcode;
+    return (opcode == WIRE_READ && h_read != NULL) || (opcode == WIRE_WRITE && h_write != NULL);
 }
 
 static long long now_ns(void)
@@ -588,7 +666,9 @@ EXPORT void fuse_session_process_buf(struct fuse_session *se, const struct fuse_
             return;   /* cannot happen with libfuse3 loaded; nothing sane to do */
     }
     int chain = chain_wait_ns > 0 && served_inline(buf);
+    g_passed = 0;
     process_one(real, se, buf);
+    chain = chain && !g_passed;             /* pyfuse3's coroutine waits for the loop: give it back */
     /* Read chain (see the top of this file).  The buffer is the caller's own
      * receive buffer (pyfuse3 passes its loop's fuse_buf): it is free again,
      * since an inline read has been answered and nothing else refers to it. */
@@ -601,7 +681,9 @@ EXPORT void fuse_session_process_buf(struct fuse_session *se, const struct fuse_
             break;                          /* EINTR, ENOENT, or exit: the loop sees it next */
         n_chained++;
         chain = served_inline(b);
+        g_passed = 0;
         process_one(real, se, b);
+        chain = chain && !g_passed;
     }
 }
 
@@ -640,6 +722,15 @@ static PyObject *m_set_read_handler(PyObject *mod, PyObject *arg)
     Py_RETURN_NONE;
 }
 
+static PyObject *m_set_write_handler(PyObject *mod, PyObject *arg)
+{
+    if (check_callable(arg, "write") < 0)
+        return NULL;
+    PyObject *new_write = arg == Py_None ? NULL : Py_NewRef(arg);
+    Py_XSETREF(h_write, new_write);
+    Py_RETURN_NONE;
+}
+
 static PyObject *m_set_read_chain(PyObject *mod, PyObject *arg)
 {
     long us = PyLong_AsLong(arg);
@@ -660,11 +751,13 @@ static PyObject *m_interposed(PyObject *mod, PyObject *unused)
 
 static PyObject *m_counts(PyObject *mod, PyObject *unused)
 {
-    return Py_BuildValue("{s:K,s:K,s:K,s:K,s:K,s:K,s:K}",
+    return Py_BuildValue("{s:K,s:K,s:K,s:K,s:K,s:K,s:K,s:K,s:K}",
                          "copy_file_range", n_copy_file_range,
                          "copy_file_range_64", n_copy_file_range_64,
                          "fallocate", n_fallocate,
                          "read", n_read,
+                         "write", n_write,
+                         "write_passed", n_write_passed,
                          "default_replies", n_default_replies,
                          "dropped", n_dropped,
                          "chained", n_chained);
@@ -688,6 +781,11 @@ static PyMethodDef module_methods[] = {
      "read(fh, off, size) -> list of buffers | one buffer | errno (int > 0), called\n"
      "synchronously for every read; None gives reads back to pyfuse3's handler.\n"
      "An exception replies EIO (see last_exception())."},
+    {"set_write_handler", m_set_write_handler, METH_O,
+     "set_write_handler(write)\n\n"
+     "write(fh, off, data: bytes) -> count | -errno | None, called synchronously for\n"
+     "every write; None passes the request to pyfuse3's handler; None as write gives\n"
+     "writes back to pyfuse3.  An exception replies EIO (see last_exception())."},
     {"set_read_chain", m_set_read_chain, METH_O,
      "set_read_chain(wait_us)\n\n"
      "After a read answered by the read handler, wait up to wait_us microseconds for\n"

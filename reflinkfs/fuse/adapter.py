@@ -386,6 +386,22 @@ class Operations(pyfuse3.Operations):
         except Exception as e:
             return _errno_of(e, "read", (fh, off, size))
 
+    def write_now(self, fh: int, off: int, data: bytes) -> int | None:
+        """The write handler the mount registers with extops (see extops.set_write_handler): the same write
+        as `write`, done right here, answered with the count or -errno; or None when it has to wait (a
+        commit's sync, a full write queue, ENOSPC just after a removal), which `write` then does."""
+        if self._syncing is not None or not self.vol.data.room():
+            return None
+        try:
+            h = self.handle(fh)
+            return self.vol.write(h.ino, self.vol.getattr(h.ino).size if h.append else off, data)
+        except FsError as e:
+            if e.errno == errno.ENOSPC and time.monotonic() <= self._removed_at + FORGET_WINDOW:
+                return None
+            return -_errno_of(e, "write", (fh, off))
+        except Exception as e:
+            return -_errno_of(e, "write", (fh, off))
+
     @_translate
     async def write(self, fh, off, buf):
         await self._write_room()

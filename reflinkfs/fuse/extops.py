@@ -69,8 +69,8 @@ and ``fallocate(req, ino, fh, mode, offset, length)``.
 
 ``req.uid``, ``req.gid`` and ``req.pid`` give the request context.
 
-Reads
------
+Reads and writes
+----------------
 The same table copy routes ``read`` through a C handler.  Until
 :func:`set_read_handler` registers a Python callable it forwards every read to
 pyfuse3's own handler.  With one, ``read(fh, off, size)`` is called
@@ -79,11 +79,17 @@ the C side passes to ``fuse_reply_iov()`` as they are: a reply made of several
 cache buffers is never copied into one new buffer, and no coroutine is created
 per read.  Returning an int replies that errno; an exception replies EIO.
 
+Writes go the same way once :func:`set_write_handler` registers ``write(fh, off, data)``: it is
+called synchronously with the request's data as ``bytes`` (the one copy out of libfuse's buffer, as
+pyfuse3 makes) and returns the count written, ``-errno``, or None to pass the request on to pyfuse3's
+own (async) write handler, for a write that has to wait; an exception replies EIO.
+
 Read chains: pyfuse3's loop takes every request through trio (a lock, ``wait_readable``, a task
-switch), which costs more than a cached read itself.  After a read the handler answered, the C side
-waits up to :func:`set_read_chain` microseconds (default 100) for the next request and processes it at
-once; it goes on while the requests are such reads.  The first other request ends the chain and is
-processed the usual way: pyfuse3's loop awaits its coroutine as soon as the chain returns.  A chain
+switch), which costs more than a cached read itself.  After a read or write a handler answered, the C
+side waits up to :func:`set_read_chain` microseconds (default 100) for the next request and processes
+it at once; it goes on while the requests are such reads and writes.  The first other request (or a
+write passed on to pyfuse3) ends the chain and is processed the usual way: pyfuse3's loop awaits its
+coroutine as soon as the chain returns.  A chain
 holds the loop for at most 256 requests or 2 ms.  ``counts()['chained']`` counts the requests
 received by chains.
 """
@@ -103,6 +109,7 @@ __all__ = [
     "load",
     "set_handlers",
     "set_read_handler",
+    "set_write_handler",
     "set_read_chain",
     "interposed",
     "counts",
@@ -176,9 +183,10 @@ def interposed() -> bool:
 
 def counts() -> dict[str, int]:
     """Requests received: {'copy_file_range', 'copy_file_range_64', 'fallocate', 'read', 'default_replies',
-    'dropped', 'chained'} ('copy_file_range_64': those of the copy_file_range requests the kernel sent as
-    FUSE_COPY_FILE_RANGE_64; 'read' counts only reads served by the handler of set_read_handler;
-    'chained': requests received by a read chain, of any kind)."""
+    'dropped', 'chained', 'write', 'write_passed'} ('copy_file_range_64': those of the copy_file_range
+    requests the kernel sent as FUSE_COPY_FILE_RANGE_64; 'read' counts only reads served by the handler
+    of set_read_handler; 'write' the writes given to the handler of set_write_handler, 'write_passed'
+    those it passed on to pyfuse3; 'chained': requests received by a chain, of any kind)."""
     return _require().counts()
 
 
@@ -250,11 +258,18 @@ def set_handlers(copy_file_range: Callable[..., Any] | None = None,
 
 
 def set_read_handler(read: Callable[[int, int, int], Any] | None) -> None:
-    """Serve reads with ``read(fh, off, size)`` (see "Reads" above), or give them back to pyfuse3 (None)."""
+    """Serve reads with ``read(fh, off, size)`` (see "Reads and writes" above), or give them back to
+    pyfuse3 (None)."""
     _require().set_read_handler(read)
 
 
+def set_write_handler(write: Callable[[int, int, bytes], Any] | None) -> None:
+    """Serve writes with ``write(fh, off, data)`` (see "Reads and writes" above), or give them back to
+    pyfuse3 (None)."""
+    _require().set_write_handler(write)
+
+
 def set_read_chain(wait_us: int) -> None:
-    """How long, in microseconds, a read chain waits for the next request (see "Reads"); 0 turns chains
-    off."""
+    """How long, in microseconds, a chain waits for the next request (see "Reads and writes"); 0 turns
+    chains off."""
     _require().set_read_chain(wait_us)

@@ -71,6 +71,7 @@ def run(opts: MountOptions, ready=None) -> int:
             if ext_ok and extops.interposed():
                 ranges.install()
                 extops.set_read_handler(ops.read_parts)
+                extops.set_write_handler(ops.write_now)
             else:
                 warning = ("warning: copy_file_range is not handled by this mount ("
                            f"{getattr(ext_ok, 'reason', None) or 'the interposition did not take effect'}); "

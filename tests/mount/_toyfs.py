@@ -12,6 +12,10 @@ MODE "readv": reads go to a handler registered with extops.set_read_handler:
 on "drop" the handler raises (the extension must then answer EIO). Files are
 opened with direct_io, so every read reaches the handler.
 MODE "readv-nochain": the same with read chains turned off (set_read_chain(0)).
+MODE "writev": writes go to a handler registered with extops.set_write_handler
+(files opened with direct_io): "src" is written there, "dst" answers -EPERM,
+writes at offsets of 1 MiB and more are passed on (None) to pyfuse3's own
+write handler, and on "drop" the handler raises (the write must fail with EIO).
 
 Every handler call and every write is appended to LOGFILE as a JSON line.
 """
@@ -191,6 +195,20 @@ class ToyFS(pyfuse3.Operations):
         view = memoryview(bytes(self.data[fh][off:off + size]))
         return [view[i:i + 100] for i in range(0, len(view), 100)] or [b""]
 
+    def write_now(self, fh, off, data):
+        if fh == self.names[b"dst"]:
+            return -errno.EPERM
+        if fh == self.names[b"drop"]:
+            raise ValueError("write handler failure (expected by the test)")
+        if off >= 1 << 20:
+            return None
+        d = self.data[fh]
+        if len(d) < off:
+            d.extend(bytes(off - len(d)))
+        d[off:off + len(data)] = data
+        self.log(event="write_now", ino=fh, off=off, size=len(data), type=type(data).__name__)
+        return len(data)
+
     def raising_copy_file_range(self, req, *args):
         self.log(event="copy_file_range", raised=True, args=list(args),
                  counts=extops.counts())
@@ -223,6 +241,9 @@ def main():
         extops.set_read_handler(fs.read_parts)
         if mode == "readv-nochain":
             extops.set_read_chain(0)
+    elif mode == "writev":
+        fs.direct_io = True
+        extops.set_write_handler(fs.write_now)
     else:
         raise SystemExit(f"unknown mode {mode!r}")
     opts = set(pyfuse3.default_options)

@@ -322,6 +322,39 @@ def test_read_chains_serve_reads_and_leave_other_requests_to_the_loop(tmp_path, 
         assert exit_rec["counts"]["chained"] == 0
 
 
+def test_write_handler_writes_answers_errnos_and_passes_writes_on(tmp_path):
+    with toy_mount(tmp_path, "writev") as m:
+        fd = os.open(m.path("src"), os.O_WRONLY)
+        try:
+            assert os.pwrite(fd, b"x" * 5000, 100) == 5000            # the handler
+            assert os.pwrite(fd, b"y" * 3000, 2 << 20) == 3000        # passed on: pyfuse3's handler
+            for i in range(200):                                       # back to back: chained
+                assert os.pwrite(fd, bytes([i]) * 512, 8192 + 512 * i) == 512
+        finally:
+            os.close(fd)
+        fd = os.open(m.path("dst"), os.O_WRONLY)
+        try:
+            with pytest.raises(PermissionError):
+                os.pwrite(fd, b"z", 0)
+        finally:
+            os.close(fd)
+        fd = os.open(m.path("drop"), os.O_WRONLY)
+        try:
+            with pytest.raises(OSError) as ei:
+                os.pwrite(fd, b"w" * 100, 0)
+            assert ei.value.errno == errno.EIO
+        finally:
+            os.close(fd)
+    now = m.records("write_now")
+    assert [(r["off"], r["size"], r["type"]) for r in now[:1]] == [(100, 5000, "bytes")] and len(now) == 201
+    assert [(r["off"], r["size"]) for r in m.records("write")] == [(2 << 20, 3000)]
+    (exit_rec,) = m.records("exit")
+    c = exit_rec["counts"]
+    assert c["write"] == 1 + 1 + 200 + 1 + 1 and c["write_passed"] == 1
+    assert c["default_replies"] == 1 and c["chained"] > 0
+    assert "write handler failure" in exit_rec["last_exception"]
+
+
 LOAD_AFTER_PYFUSE3 = textwrap.dedent("""
     import pyfuse3
     from reflinkfs.fuse import extops
