@@ -713,22 +713,24 @@ static PyObject *m_set_handlers(PyObject *mod, PyObject *args, PyObject *kw)
     Py_RETURN_NONE;
 }
 
+/* Put a callable (or NULL for None) in a handler slot. */
+static PyObject *set_slot(PyObject **slot, PyObject *arg, const char *name)
+{
+    if (check_callable(arg, name) < 0)
+        return NULL;
+    PyObject *new_handler = arg == Py_None ? NULL : Py_NewRef(arg);
+    Py_XSETREF(*slot, new_handler);
+    Py_RETURN_NONE;
+}
+
 static PyObject *m_set_read_handler(PyObject *mod, PyObject *arg)
 {
-    if (check_callable(arg, "read") < 0)
-        return NULL;
-    PyObject *new_read = arg == Py_None ? NULL : Py_NewRef(arg);
-    Py_XSETREF(h_read, new_read);
-    Py_RETURN_NONE;
+    return set_slot(&h_read, arg, "read");
 }
 
 static PyObject *m_set_write_handler(PyObject *mod, PyObject *arg)
 {
-    if (check_callable(arg, "write") < 0)
-        return NULL;
-    PyObject *new_write = arg == Py_None ? NULL : Py_NewRef(arg);
-    Py_XSETREF(h_write, new_write);
-    Py_RETURN_NONE;
+    return set_slot(&h_write, arg, "write");
 }
 
 static PyObject *m_set_read_chain(PyObject *mod, PyObject *arg)
