@@ -393,10 +393,9 @@ class Operations(pyfuse3.Operations):
         if self._syncing is not None or not self.vol.data.room():
             return None
         try:
-            h = self.handle(fh)
-            return self.vol.write(h.ino, self.vol.getattr(h.ino).size if h.append else off, data)
+            return self._write_at(self.handle(fh), off, data)
         except FsError as e:
-            if e.errno == errno.ENOSPC and time.monotonic() <= self._removed_at + FORGET_WINDOW:
+            if self._forget_may_free(e):
                 return None
             return -_errno_of(e, "write", (fh, off))
         except Exception as e:
@@ -407,12 +406,20 @@ class Operations(pyfuse3.Operations):
         await self._write_room()
         h = self.handle(fh)
         try:
-            return self.vol.write(h.ino, self.vol.getattr(h.ino).size if h.append else off, buf)
+            return self._write_at(h, off, buf)
         except FsError as e:
-            if e.errno != errno.ENOSPC or time.monotonic() > self._removed_at + FORGET_WINDOW:
+            if not self._forget_may_free(e):
                 raise
-        await self._let_forgets_in()      # space that a removal just released may be a forget away
-        return self.vol.write(h.ino, self.vol.getattr(h.ino).size if h.append else off, buf)
+        await self._let_forgets_in()
+        return self._write_at(h, off, buf)
+
+    def _write_at(self, h: Handle, off: int, data) -> int:
+        """Write at off, or at the end of the file for a handle opened with O_APPEND."""
+        return self.vol.write(h.ino, self.vol.getattr(h.ino).size if h.append else off, data)
+
+    def _forget_may_free(self, e: FsError) -> bool:
+        """ENOSPC right after a removal: space the removal released may be a forget away."""
+        return e.errno == errno.ENOSPC and time.monotonic() <= self._removed_at + FORGET_WINDOW
 
     async def flush(self, fh):
         pass
