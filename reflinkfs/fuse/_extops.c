@@ -16,7 +16,7 @@
  * that outlives its session never touches freed libfuse memory.
  *
  * fuse_session_process_buf is interposed too, for two things.  The second is
- * the read chain (below).  The first: Linux 6.18 sends
+ * the chains (below).  The first: Linux 6.18 sends
  * FUSE_COPY_FILE_RANGE_64 first, which libfuse 3.14 does not know and
  * answers ENOSYS.  The kernel then retries with FUSE_COPY_FILE_RANGE, but
  * when two first copies race, the second ENOSYS is taken for the older
@@ -38,7 +38,7 @@
  * called synchronously with the data as `bytes` (no coroutine per write) and
  * may pass a write on to pyfuse3's handler, e.g. one that must wait.
  *
- * Read chains: pyfuse3's loop goes through trio for every request (a lock,
+ * Chains: pyfuse3's loop goes through trio for every request (a lock,
  * wait_readable, a task switch), which costs more than serving a cached read.
  * So after a read or write that op_read / op_write answered inline, the
  * interposed fuse_session_process_buf waits up to chain_wait_ns for the next
@@ -116,7 +116,7 @@ static unsigned long long n_copy_file_range_64 = 0; /* ... of them sent as COPY_
 static unsigned long long n_fallocate = 0;
 static unsigned long long n_default_replies = 0; /* ENOSYS/EOPNOTSUPP fallbacks */
 static unsigned long long n_dropped = 0;         /* Requests replied EIO in dealloc */
-static unsigned long long n_chained = 0;         /* requests received by a read chain */
+static unsigned long long n_chained = 0;         /* requests received by a chain */
 #define CHAIN_MAX 256                            /* requests per chain, at most, */
 #define CHAIN_MAX_NS 2000000LL                   /* ... and time: the loop's other work waits meanwhile */
 static long chain_wait_ns = 100000;              /* how long a chain waits for the next request */
@@ -502,6 +502,16 @@ static void op_read(fuse_req_t req, fuse_ino_t ino, size_t size, off_t off,
  * out of libfuse's receive buffer, as pyfuse3 makes).  It answers with the
  * count written, -errno, or None to pass the request to pyfuse3's own handler
  * (a write that has to wait). */
+static void pass_write(fuse_req_t req, fuse_ino_t ino, const char *buf, size_t size, off_t off,
+                       struct fuse_file_info *fi)
+{
+    g_passed = 1;
+    if (orig_write != NULL)
+        orig_write(req, ino, buf, size, off, fi);   /* copies the data before it returns */
+    else
+        fuse_reply_err(req, ENOSYS);
+}
+
 static void op_write(fuse_req_t req, fuse_ino_t ino, const char *buf, size_t size, off_t off,
                      struct fuse_file_info *fi)
 {
@@ -509,11 +519,7 @@ static void op_write(fuse_req_t req, fuse_ino_t ino, const char *buf, size_t siz
     PyObject *handler = h_write;
     if (handler == NULL || size > (size_t)PY_SSIZE_T_MAX) {
         PyGILState_Release(gs);
-        g_passed = 1;
-        if (orig_write != NULL)
-            orig_write(req, ino, buf, size, off, fi);
-        else
-            fuse_reply_err(req, ENOSYS);
+        pass_write(req, ino, buf, size, off, fi);
         return;
     }
     PyObject *s_type, *s_val, *s_tb;                /* normally all NULL */
@@ -531,13 +537,9 @@ static void op_write(fuse_req_t req, fuse_ino_t ino, const char *buf, size_t siz
     if (res == Py_None) {
         Py_DECREF(res);
         n_write_passed++;
-        g_passed = 1;
         PyErr_Restore(s_type, s_val, s_tb);
         PyGILState_Release(gs);
-        if (orig_write != NULL)
-            orig_write(req, ino, buf, size, off, fi);   /* copies the data before it returns */
-        else
-            fuse_reply_err(req, ENOSYS);
+        pass_write(req, ino, buf, size, off, fi);
         return;
     }
     long long v = (res != NULL && PyLong_Check(res)) ? PyLong_AsLongLong(res) : 0;
@@ -669,9 +671,9 @@ EXPORT void fuse_session_process_buf(struct fuse_session *se, const struct fuse_
     g_passed = 0;
     process_one(real, se, buf);
     chain = chain && !g_passed;             /* pyfuse3's coroutine waits for the loop: give it back */
-    /* Read chain (see the top of this file).  The buffer is the caller's own
+    /* Chain (see the top of this file).  The buffer is the caller's own
      * receive buffer (pyfuse3 passes its loop's fuse_buf): it is free again,
-     * since an inline read has been answered and nothing else refers to it. */
+     * since the request has been answered and nothing else refers to it. */
     struct fuse_buf *b = (struct fuse_buf *)buf;
     long long deadline = chain ? now_ns() + CHAIN_MAX_NS : 0;
     for (int i = 0; chain && i < CHAIN_MAX && !fuse_session_exited(se); i++) {
@@ -733,7 +735,7 @@ static PyObject *m_set_write_handler(PyObject *mod, PyObject *arg)
     return set_slot(&h_write, arg, "write");
 }
 
-static PyObject *m_set_read_chain(PyObject *mod, PyObject *arg)
+static PyObject *m_set_chain_wait(PyObject *mod, PyObject *arg)
 {
     long us = PyLong_AsLong(arg);
     if (us == -1 && PyErr_Occurred())
@@ -788,11 +790,11 @@ static PyMethodDef module_methods[] = {
      "write(fh, off, data: bytes) -> count | -errno | None, called synchronously for\n"
      "every write; None passes the request to pyfuse3's handler; None as write gives\n"
      "writes back to pyfuse3.  An exception replies EIO (see last_exception())."},
-    {"set_read_chain", m_set_read_chain, METH_O,
-     "set_read_chain(wait_us)\n\n"
-     "After a read answered by the read handler, wait up to wait_us microseconds for\n"
-     "the next request and serve it at once (0: never; every request then goes back\n"
-     "through pyfuse3's loop)."},
+    {"set_chain_wait", m_set_chain_wait, METH_O,
+     "set_chain_wait(wait_us)\n\n"
+     "After a read or write answered by its handler, wait up to wait_us microseconds\n"
+     "for the next request and serve it at once (0: never; every request then goes\n"
+     "back through pyfuse3's loop)."},
     {"interposed", m_interposed, METH_NOARGS,
      "interposed() -> bool: True once pyfuse3's fuse_session_new went through us."},
     {"counts", m_counts, METH_NOARGS,

@@ -84,9 +84,9 @@ called synchronously with the request's data as ``bytes`` (the one copy out of l
 pyfuse3 makes) and returns the count written, ``-errno``, or None to pass the request on to pyfuse3's
 own (async) write handler, for a write that has to wait; an exception replies EIO.
 
-Read chains: pyfuse3's loop takes every request through trio (a lock, ``wait_readable``, a task
+Chains: pyfuse3's loop takes every request through trio (a lock, ``wait_readable``, a task
 switch), which costs more than a cached read itself.  After a read or write a handler answered, the C
-side waits up to :func:`set_read_chain` microseconds (default 100) for the next request and processes
+side waits up to :func:`set_chain_wait` microseconds (default 100) for the next request and processes
 it at once; it goes on while the requests are such reads and writes.  The first other request (or a
 write passed on to pyfuse3) ends the chain and is processed the usual way: pyfuse3's loop awaits its
 coroutine as soon as the chain returns.  A chain
@@ -110,7 +110,7 @@ __all__ = [
     "set_handlers",
     "set_read_handler",
     "set_write_handler",
-    "set_read_chain",
+    "set_chain_wait",
     "interposed",
     "counts",
     "last_exception",
@@ -269,7 +269,7 @@ def set_write_handler(write: Callable[[int, int, bytes], Any] | None) -> None:
     _require().set_write_handler(write)
 
 
-def set_read_chain(wait_us: int) -> None:
+def set_chain_wait(wait_us: int) -> None:
     """How long, in microseconds, a chain waits for the next request (see "Reads and writes"); 0 turns
     chains off."""
-    _require().set_read_chain(wait_us)
+    _require().set_chain_wait(wait_us)

@@ -11,7 +11,7 @@ MODE "readv": reads go to a handler registered with extops.set_read_handler:
 "src" is answered as a list of 100-byte views, "dst" with the errno EPERM, and
 on "drop" the handler raises (the extension must then answer EIO). Files are
 opened with direct_io, so every read reaches the handler.
-MODE "readv-nochain": the same with read chains turned off (set_read_chain(0)).
+MODE "readv-nochain": the same with read chains turned off (set_chain_wait(0)).
 MODE "writev": writes go to a handler registered with extops.set_write_handler
 (files opened with direct_io): "src" is written there, "dst" answers -EPERM,
 writes at offsets of 1 MiB and more are passed on (None) to pyfuse3's own
@@ -240,7 +240,7 @@ def main():
         fs.direct_io = True
         extops.set_read_handler(fs.read_parts)
         if mode == "readv-nochain":
-            extops.set_read_chain(0)
+            extops.set_chain_wait(0)
     elif mode == "writev":
         fs.direct_io = True
         extops.set_write_handler(fs.write_now)
