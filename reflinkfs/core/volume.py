@@ -723,7 +723,9 @@ class Volume:
                 parts = [first[lo:], *parts[1:-1], last[:len(last) - tail]]
         return parts
 
-    def write(self, ino: int, offset: int, data) -> int:
+    def write(self, ino: int, offset: int, data, stable: bool = False) -> int:
+        """Write data (any buffer) at offset. The data file queues it, so a buffer that may change once
+        this returns is copied first; stable=True says it never changes (bytes never do)."""
         nbytes = len(data)
         if offset < 0:
             raise FsError(errno.EINVAL)
@@ -731,8 +733,8 @@ class Volume:
             raise FsError(errno.EFBIG, "write past the maximum file size")
         if nbytes == 0:
             return 0
-        if not isinstance(data, bytes):
-            data = bytes(data)          # the data file queues it: a caller's buffer may change after we return
+        if not stable and not isinstance(data, bytes):
+            data = bytes(data)
         self._retry_enospc(self._write_op, ino, offset, data)
         return nbytes
 

@@ -35,8 +35,9 @@
  * units is never joined into one new buffer.  Without a handler, pyfuse3's
  * own read handler serves the request as before.  `write` goes the same way
  * through op_write once set_write_handler() registers a handler, which is
- * called synchronously with the data as `bytes` (no coroutine per write) and
- * may pass a write on to pyfuse3's handler, e.g. one that must wait.
+ * called synchronously with the data (no coroutine per write; a big write's
+ * data is not even copied: see WriteData) and may pass a write on to
+ * pyfuse3's handler, e.g. one that must wait.
  *
  * Chains: pyfuse3's loop goes through trio for every request (a lock,
  * wait_readable, a task switch), which costs more than serving a cached read.
@@ -74,7 +75,9 @@
 #include <errno.h>
 #include <stdint.h>
 #include <string.h>
+#include <malloc.h>
 #include <poll.h>
+#include <stdlib.h>
 #include <sys/uio.h>
 #include <time.h>
 
@@ -281,6 +284,124 @@ static PyTypeObject Request_Type = {
     .tp_repr = (reprfunc)Request_repr,
     .tp_methods = Request_methods,
     .tp_getset = Request_getset,
+};
+
+/* ---- WriteData: a big write's data, left where the kernel put it ------- */
+
+/* A write of at least half a receive buffer reaches h_write as a WriteData:
+ * a read-only buffer over the request's bytes inside libfuse's receive
+ * buffer, not a copy.  If the handler keeps it (any reference, a memoryview
+ * included, is still there when the handler returns), the object takes the
+ * receive buffer over and the session gets another one for its next receive:
+ * from a small pool of buffers freed by earlier WriteData objects, or NULL,
+ * which libfuse's receive replaces with a new one.  If the handler drops it,
+ * the buffer stays the session's and nothing was copied or allocated.  The
+ * bytes never change either way.  Everything here runs with the GIL held. */
+typedef struct {
+    PyObject_HEAD
+    char *block;            /* the receive buffer this object owns, or NULL */
+    const char *data;       /* the write's bytes (inside block once owned) */
+    Py_ssize_t len;
+} WriteDataObject;
+
+static PyTypeObject WriteData_Type;
+#define POOL_MAX 8                               /* spare receive buffers kept */
+static char *g_pool[POOL_MAX];
+static int g_pool_n = 0;
+static struct fuse_buf *g_cur = NULL;            /* the receive buffer being processed */
+static unsigned long long n_write_kept = 0;      /* receive buffers handed to WriteData */
+
+static void pool_put(char *block)
+{
+    if (g_pool_n < POOL_MAX)
+        g_pool[g_pool_n++] = block;
+    else
+        free(block);
+}
+
+/* A spare buffer at least as big as `need` bytes, or NULL. */
+static char *pool_get(size_t need)
+{
+    while (g_pool_n > 0) {
+        char *b = g_pool[--g_pool_n];
+        if (malloc_usable_size(b) >= need)
+            return b;
+        free(b);
+    }
+    return NULL;
+}
+
+/* The data as a WriteData when it is a big write inside the buffer being
+ * processed; NULL (without an exception) when it should be copied instead. */
+static PyObject *WriteData_new(const char *data, size_t size)
+{
+    struct fuse_buf *b = g_cur;
+    if (b == NULL || (b->flags & FUSE_BUF_IS_FD) || b->mem == NULL
+        || data < (const char *)b->mem || data + size > (const char *)b->mem + b->size
+        || size < malloc_usable_size(b->mem) / 2)
+        return NULL;
+    WriteDataObject *self = PyObject_New(WriteDataObject, &WriteData_Type);
+    if (self == NULL) {
+        PyErr_Clear();
+        return NULL;
+    }
+    self->block = NULL;
+    self->data = data;
+    self->len = (Py_ssize_t)size;
+    return (PyObject *)self;
+}
+
+/* The handler kept the object: it takes the receive buffer over. */
+static void WriteData_keep(WriteDataObject *self)
+{
+    struct fuse_buf *b = g_cur;
+    char *block = b->mem;
+    self->block = block;
+    b->mem = pool_get(malloc_usable_size(block));
+    n_write_kept++;
+}
+
+static void WriteData_dealloc(WriteDataObject *self)
+{
+    if (self->block != NULL)
+        pool_put(self->block);
+    PyObject_Free(self);
+}
+
+static int WriteData_getbuffer(WriteDataObject *self, Py_buffer *view, int flags)
+{
+    return PyBuffer_FillInfo(view, (PyObject *)self, (void *)self->data, self->len, 1, flags);
+}
+
+static Py_ssize_t WriteData_length(WriteDataObject *self)
+{
+    return self->len;
+}
+
+static PyObject *WriteData_repr(WriteDataObject *self)
+{
+    return PyUnicode_FromFormat("<WriteData of %zd bytes%s>", self->len,
+                                self->block ? ", kept" : "");
+}
+
+static PyBufferProcs WriteData_as_buffer = {
+    .bf_getbuffer = (getbufferproc)WriteData_getbuffer,
+};
+
+static PySequenceMethods WriteData_as_sequence = {
+    .sq_length = (lenfunc)WriteData_length,
+};
+
+static PyTypeObject WriteData_Type = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "reflinkfs.fuse._extops.WriteData",
+    .tp_basicsize = sizeof(WriteDataObject),
+    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_doc = "A write's data (read-only buffer), where the kernel put it; never changes.",
+    .tp_dealloc = (destructor)WriteData_dealloc,
+    .tp_repr = (reprfunc)WriteData_repr,
+    .tp_as_buffer = &WriteData_as_buffer,
+    .tp_as_sequence = &WriteData_as_sequence,
 };
 
 /* ---- dispatch ---------------------------------------------------------- */
@@ -498,8 +619,8 @@ static void op_read(fuse_req_t req, fuse_ino_t ino, size_t size, off_t off,
     PyGILState_Release(gs);
 }
 
-/* A write: h_write gets the request's data as a `bytes` object (the one copy
- * out of libfuse's receive buffer, as pyfuse3 makes).  It answers with the
+/* A write: h_write gets the request's data, a WriteData for a big write (see
+ * above) and otherwise a `bytes` copy, as pyfuse3 makes.  It answers with the
  * count written, -errno, or None to pass the request to pyfuse3's own handler
  * (a write that has to wait). */
 static void pass_write(fuse_req_t req, fuse_ino_t ino, const char *buf, size_t size, off_t off,
@@ -518,43 +639,44 @@ static void op_write(fuse_req_t req, fuse_ino_t ino, const char *buf, size_t siz
     PyGILState_STATE gs = PyGILState_Ensure();
     PyObject *handler = h_write;
     if (handler == NULL || size > (size_t)PY_SSIZE_T_MAX) {
-        PyGILState_Release(gs);
         pass_write(req, ino, buf, size, off, fi);
+        PyGILState_Release(gs);
         return;
     }
     PyObject *s_type, *s_val, *s_tb;                /* normally all NULL */
     PyErr_Fetch(&s_type, &s_val, &s_tb);
     n_write++;
     PyObject *res = NULL;
-    PyObject *data = PyBytes_FromStringAndSize(buf, (Py_ssize_t)size);
+    PyObject *data = WriteData_new(buf, size);
+    if (data == NULL)
+        data = PyBytes_FromStringAndSize(buf, (Py_ssize_t)size);
     if (data != NULL) {
         Py_INCREF(handler);
         res = PyObject_CallFunction(handler, "KLO", (unsigned long long)(fi ? fi->fh : 0),
                                     (long long)off, data);
         Py_DECREF(handler);
-        Py_DECREF(data);
+        if (Py_IS_TYPE(data, &WriteData_Type) && Py_REFCNT(data) > 1)
+            WriteData_keep((WriteDataObject *)data);
     }
     if (res == Py_None) {
-        Py_DECREF(res);
         n_write_passed++;
-        PyErr_Restore(s_type, s_val, s_tb);
-        PyGILState_Release(gs);
-        pass_write(req, ino, buf, size, off, fi);
-        return;
-    }
-    long long v = (res != NULL && PyLong_Check(res)) ? PyLong_AsLongLong(res) : 0;
-    if (res == NULL || !PyLong_Check(res) || PyErr_Occurred() || v > (long long)size || v < -4095) {
-        if (res != NULL && !PyErr_Occurred())
-            PyErr_Format(PyExc_ValueError, "write handler returned %R", res);
-        keep_exception();
-        n_default_replies++;
-        fuse_reply_err(req, EIO);
-    } else if (v < 0) {
-        fuse_reply_err(req, (int)-v);
+        pass_write(req, ino, buf, size, off, fi);   /* buf stays valid: data holds it if kept */
     } else {
-        fuse_reply_write(req, (size_t)v);
+        long long v = (res != NULL && PyLong_Check(res)) ? PyLong_AsLongLong(res) : 0;
+        if (res == NULL || !PyLong_Check(res) || PyErr_Occurred() || v > (long long)size || v < -4095) {
+            if (res != NULL && !PyErr_Occurred())
+                PyErr_Format(PyExc_ValueError, "write handler returned %R", res);
+            keep_exception();
+            n_default_replies++;
+            fuse_reply_err(req, EIO);
+        } else if (v < 0) {
+            fuse_reply_err(req, (int)-v);
+        } else {
+            fuse_reply_write(req, (size_t)v);
+        }
     }
     Py_XDECREF(res);
+    Py_XDECREF(data);
     PyErr_Restore(s_type, s_val, s_tb);
     PyGILState_Release(gs);
 }
@@ -620,7 +742,9 @@ static void process_one(process_buf_fn real, struct fuse_session *se, const stru
         }
     }
 #endif
+    g_cur = (struct fuse_buf *)buf;         /* for WriteData (op_write) */
     real(se, buf);
+    g_cur = NULL;
 }
 
 /* A read or write that op_read / op_write will answer before libfuse returns
@@ -755,13 +879,14 @@ static PyObject *m_interposed(PyObject *mod, PyObject *unused)
 
 static PyObject *m_counts(PyObject *mod, PyObject *unused)
 {
-    return Py_BuildValue("{s:K,s:K,s:K,s:K,s:K,s:K,s:K,s:K,s:K}",
+    return Py_BuildValue("{s:K,s:K,s:K,s:K,s:K,s:K,s:K,s:K,s:K,s:K}",
                          "copy_file_range", n_copy_file_range,
                          "copy_file_range_64", n_copy_file_range_64,
                          "fallocate", n_fallocate,
                          "read", n_read,
                          "write", n_write,
                          "write_passed", n_write_passed,
+                         "write_kept", n_write_kept,
                          "default_replies", n_default_replies,
                          "dropped", n_dropped,
                          "chained", n_chained);
@@ -787,8 +912,9 @@ static PyMethodDef module_methods[] = {
      "An exception replies EIO (see last_exception())."},
     {"set_write_handler", m_set_write_handler, METH_O,
      "set_write_handler(write)\n\n"
-     "write(fh, off, data: bytes) -> count | -errno | None, called synchronously for\n"
-     "every write; None passes the request to pyfuse3's handler; None as write gives\n"
+     "write(fh, off, data) -> count | -errno | None, called synchronously for\n"
+     "every write; data is bytes, or a WriteData (read-only buffer, no copy) for a\n"
+     "big write; None passes the request to pyfuse3's handler; None as write gives\n"
      "writes back to pyfuse3.  An exception replies EIO (see last_exception())."},
     {"set_chain_wait", m_set_chain_wait, METH_O,
      "set_chain_wait(wait_us)\n\n"
@@ -814,12 +940,13 @@ static struct PyModuleDef moduledef = {
 
 EXPORT PyMODINIT_FUNC PyInit__extops(void)
 {
-    if (PyType_Ready(&Request_Type) < 0)
+    if (PyType_Ready(&Request_Type) < 0 || PyType_Ready(&WriteData_Type) < 0)
         return NULL;
     PyObject *m = PyModule_Create(&moduledef);
     if (m == NULL)
         return NULL;
-    if (PyModule_AddObjectRef(m, "Request", (PyObject *)&Request_Type) < 0) {
+    if (PyModule_AddObjectRef(m, "Request", (PyObject *)&Request_Type) < 0
+        || PyModule_AddObjectRef(m, "WriteData", (PyObject *)&WriteData_Type) < 0) {
         Py_DECREF(m);
         return NULL;
     }

@@ -386,14 +386,14 @@ class Operations(pyfuse3.Operations):
         except Exception as e:
             return _errno_of(e, "read", (fh, off, size))
 
-    def write_now(self, fh: int, off: int, data: bytes) -> int | None:
+    def write_now(self, fh: int, off: int, data) -> int | None:
         """The write handler the mount registers with extops (see extops.set_write_handler): the same write
         as `write`, done right here, answered with the count or -errno; or None when it has to wait (a
         commit's sync, a full write queue, ENOSPC just after a removal), which `write` then does."""
         if self._syncing is not None or not self.vol.data.room():
             return None
         try:
-            return self._write_at(self.handle(fh), off, data)
+            return self._write_at(self.handle(fh), off, data, stable=True)   # extops' data never changes
         except FsError as e:
             if self._forget_may_free(e):
                 return None
@@ -413,9 +413,9 @@ class Operations(pyfuse3.Operations):
         await self._let_forgets_in()
         return self._write_at(h, off, buf)
 
-    def _write_at(self, h: Handle, off: int, data) -> int:
+    def _write_at(self, h: Handle, off: int, data, stable: bool = False) -> int:
         """Write at off, or at the end of the file for a handle opened with O_APPEND."""
-        return self.vol.write(h.ino, self.vol.getattr(h.ino).size if h.append else off, data)
+        return self.vol.write(h.ino, self.vol.getattr(h.ino).size if h.append else off, data, stable)
 
     def _forget_may_free(self, e: FsError) -> bool:
         """ENOSPC right after a removal: space the removal released may be a forget away."""

@@ -80,9 +80,14 @@ cache buffers is never copied into one new buffer, and no coroutine is created
 per read.  Returning an int replies that errno; an exception replies EIO.
 
 Writes go the same way once :func:`set_write_handler` registers ``write(fh, off, data)``: it is
-called synchronously with the request's data as ``bytes`` (the one copy out of libfuse's buffer, as
-pyfuse3 makes) and returns the count written, ``-errno``, or None to pass the request on to pyfuse3's
-own (async) write handler, for a write that has to wait; an exception replies EIO.
+called synchronously with the request's data and returns the count written, ``-errno``, or None to
+pass the request on to pyfuse3's own (async) write handler, for a write that has to wait; an exception
+replies EIO.  The data never changes.  A small write's data is ``bytes`` (one copy out of libfuse's
+receive buffer, as pyfuse3 makes); a write of at least half a receive buffer (a 1 MiB write) comes as
+a ``WriteData``, a read-only buffer over the receive buffer itself, with no copy.  A handler that keeps
+a reference to it (a memoryview counts) takes the receive buffer over, and the session receives its
+next requests into another (reused from a small pool, or newly allocated); one that keeps nothing
+leaves the buffer to the session.
 
 Chains: pyfuse3's loop takes every request through trio (a lock, ``wait_readable``, a task
 switch), which costs more than a cached read itself.  After a read or write a handler answered, the C
@@ -263,7 +268,7 @@ def set_read_handler(read: Callable[[int, int, int], Any] | None) -> None:
     _require().set_read_handler(read)
 
 
-def set_write_handler(write: Callable[[int, int, bytes], Any] | None) -> None:
+def set_write_handler(write: Callable[[int, int, Any], Any] | None) -> None:
     """Serve writes with ``write(fh, off, data)`` (see "Reads and writes" above), or give them back to
     pyfuse3 (None)."""
     _require().set_write_handler(write)

@@ -14,13 +14,16 @@ opened with direct_io, so every read reaches the handler.
 MODE "readv-nochain": the same with read chains turned off (set_chain_wait(0)).
 MODE "writev": writes go to a handler registered with extops.set_write_handler
 (files opened with direct_io): "src" is written there, "dst" answers -EPERM,
-writes at offsets of 1 MiB and more are passed on (None) to pyfuse3's own
-write handler, and on "drop" the handler raises (the write must fail with EIO).
+writes at offsets from 1 MiB to 8 MiB are passed on (None) to pyfuse3's own
+write handler, writes from 8 MiB on are kept: the handler holds on to the data
+object it was given, and logs its SHA-256 again at exit; and on "drop" the
+handler raises (the write must fail with EIO).
 
 Every handler call and every write is appended to LOGFILE as a JSON line.
 """
 
 import errno
+import hashlib
 import json
 import os
 import stat
@@ -37,6 +40,7 @@ import trio  # noqa: E402
 
 ROOT = pyfuse3.ROOT_INODE
 SRC_DATA = bytes(range(256)) * 64  # 16 KiB, known to the test
+KEEP_FROM = 8 << 20                # "writev": write_now keeps the data of writes from here on
 
 
 class Log:
@@ -53,6 +57,7 @@ class ToyFS(pyfuse3.Operations):
         super().__init__()
         self.log = log
         self.names = {b"src": 2, b"dst": 3, b"drop": 4}
+        self.kept = []           # (offset, sha256 when written, data) of the writes write_now kept
         self.data = {2: bytearray(SRC_DATA), 3: bytearray(), 4: bytearray()}
         self.next_ino = 5
         self.direct_io = False
@@ -118,7 +123,7 @@ class ToyFS(pyfuse3.Operations):
         if len(d) < off:
             d.extend(bytes(off - len(d)))
         d[off:off + len(buf)] = buf
-        self.log(event="write", ino=fh, off=off, size=len(buf))
+        self.log(event="write", ino=fh, off=off, size=len(buf), sha=hashlib.sha256(buf).hexdigest())
         return len(buf)
 
     async def flush(self, fh):
@@ -200,6 +205,10 @@ class ToyFS(pyfuse3.Operations):
             return -errno.EPERM
         if fh == self.names[b"drop"]:
             raise ValueError("write handler failure (expected by the test)")
+        if off >= KEEP_FROM:
+            self.kept.append((off, hashlib.sha256(data).hexdigest(), data))
+            self.log(event="write_now", ino=fh, off=off, size=len(data), type=type(data).__name__)
+            return len(data)
         if off >= 1 << 20:
             return None
         d = self.data[fh]
@@ -253,6 +262,8 @@ def main():
         trio.run(amain, fs, mode, log)
     finally:
         pyfuse3.close(unmount=False)
+    log(event="kept", writes=[(off, sha, hashlib.sha256(d).hexdigest(), type(d).__name__, len(d))
+                              for off, sha, d in fs.kept])
     exc = extops.last_exception()
     log(event="exit", counts=extops.counts(), interposed=extops.interposed(),
         last_exception=repr(exc) if exc is not None else None)

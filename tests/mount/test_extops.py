@@ -6,7 +6,9 @@ extops.load() before importing pyfuse3) and talks to it with real syscalls.
 
 import contextlib
 import errno
+import hashlib
 import json
+import mmap
 import os
 import shutil
 import subprocess
@@ -353,6 +355,34 @@ def test_write_handler_writes_answers_errnos_and_passes_writes_on(tmp_path):
     assert c["write"] == 1 + 1 + 200 + 1 + 1 and c["write_passed"] == 1
     assert c["default_replies"] == 1 and c["chained"] > 0
     assert "write handler failure" in exit_rec["last_exception"]
+
+
+def test_big_writes_reach_the_handler_uncopied_and_kept_data_stays_intact(tmp_path):
+    """A 1 MiB write arrives as a WriteData over libfuse's receive buffer. A handler that keeps it owns
+    that buffer from then on: later requests are received elsewhere, so what it kept never changes."""
+    pats = [os.urandom(1 << 20) for _ in range(12)]
+    buf = mmap.mmap(-1, 1 << 20)        # page-aligned, so that direct_io sends each write in one request
+    with toy_mount(tmp_path, "writev") as m:
+        fd = os.open(m.path("src"), os.O_WRONLY)
+        try:
+            for i, p in enumerate(pats):
+                buf[:] = p
+                assert os.pwrite(fd, buf, (8 << 20) + (i << 20)) == 1 << 20   # kept by the handler
+                buf[:] = p[::-1]
+                assert os.pwrite(fd, buf, 0) == 1 << 20                        # copied: its buffer is reused
+            buf[:] = pats[5]
+            assert os.pwrite(fd, buf, 2 << 20) == 1 << 20                      # passed on to pyfuse3
+        finally:
+            os.close(fd)
+    sha = [hashlib.sha256(p).hexdigest() for p in pats]
+    (kept,) = m.records("kept")
+    assert [tuple(k) for k in kept["writes"]] == [
+        ((8 << 20) + (i << 20), sha[i], sha[i], "WriteData", 1 << 20) for i in range(12)]
+    assert [(r["off"], r["type"]) for r in m.records("write_now")
+            if r["off"] == 0] == [(0, "WriteData")] * 12
+    assert [(r["off"], r["size"], r["sha"]) for r in m.records("write")] == [(2 << 20, 1 << 20, sha[5])]
+    (exit_rec,) = m.records("exit")
+    assert exit_rec["counts"]["write_kept"] == 12 and exit_rec["last_exception"] is None
 
 
 LOAD_AFTER_PYFUSE3 = textwrap.dedent("""
