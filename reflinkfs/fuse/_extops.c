@@ -73,11 +73,13 @@
 
 #include <dlfcn.h>
 #include <errno.h>
+#include <stdarg.h>
 #include <stdint.h>
 #include <string.h>
 #include <malloc.h>
 #include <poll.h>
 #include <stdlib.h>
+#include <sys/stat.h>
 #include <sys/uio.h>
 #include <time.h>
 
@@ -98,6 +100,11 @@ struct wire_in_header {
 };
 #define WIRE_COPY_FILE_RANGE 47
 #define WIRE_COPY_FILE_RANGE_64 53
+#define WIRE_LOOKUP 1
+#define WIRE_FORGET 2
+#define WIRE_GETATTR 3
+#define WIRE_UNLINK 10
+#define WIRE_BATCH_FORGET 42
 #define WIRE_READ 15
 #define WIRE_WRITE 16
 /* The largest count one reply may carry: the older request's reply has 32
@@ -110,6 +117,11 @@ static PyObject *h_copy_file_range = NULL; /* strong refs or NULL */
 static PyObject *h_fallocate = NULL;
 static PyObject *h_read = NULL;            /* read(fh, off, size) -> buffers | errno */
 static PyObject *h_write = NULL;           /* write(fh, off, data) -> count | -errno | None */
+static PyObject *h_lookup = NULL;          /* lookup(parent, name) -> attributes | errno | None */
+static PyObject *h_getattr = NULL;         /* getattr(ino) -> attributes | errno | None */
+static PyObject *h_unlink = NULL;          /* unlink(parent, name) -> 0 | errno | None */
+static PyObject *h_forget = NULL;          /* forget([(ino, nlookup), ...]) */
+static double g_entry_timeout = 1.0, g_attr_timeout = 1.0;   /* for the replies of h_lookup / h_getattr */
 static int g_passed = 0;                   /* the last request went to pyfuse3's handler after all */
 static PyObject *last_exc = NULL;          /* last exception raised by a handler */
 
@@ -126,11 +138,21 @@ static long chain_wait_ns = 100000;              /* how long a chain waits for t
 static unsigned long long n_read = 0;            /* reads served by h_read */
 static unsigned long long n_write = 0;           /* writes given to h_write ... */
 static unsigned long long n_write_passed = 0;    /* ... of which it passed on to pyfuse3 (None) */
+static unsigned long long n_meta = 0;            /* lookups, getattrs, unlinks, forgets given to handlers ... */
+static unsigned long long n_meta_passed = 0;     /* ... of which they passed on to pyfuse3 (None) */
 
 typedef void (*read_fn)(fuse_req_t, fuse_ino_t, size_t, off_t, struct fuse_file_info *);
 static read_fn orig_read = NULL;                 /* pyfuse3's read handler */
 typedef void (*write_fn)(fuse_req_t, fuse_ino_t, const char *, size_t, off_t, struct fuse_file_info *);
 static write_fn orig_write = NULL;               /* pyfuse3's write handler */
+typedef void (*name_fn)(fuse_req_t, fuse_ino_t, const char *);
+static name_fn orig_lookup = NULL, orig_unlink = NULL;
+typedef void (*getattr_fn)(fuse_req_t, fuse_ino_t, struct fuse_file_info *);
+static getattr_fn orig_getattr = NULL;
+typedef void (*forget_fn)(fuse_req_t, fuse_ino_t, uint64_t);
+static forget_fn orig_forget = NULL;
+typedef void (*forget_multi_fn)(fuse_req_t, size_t, struct fuse_forget_data *);
+static forget_multi_fn orig_forget_multi = NULL;
 
 /* Sessions created through us, and a generation counter bumped whenever one
  * of them is destroyed.  A Request records the generation it was created in;
@@ -681,6 +703,265 @@ static void op_write(fuse_req_t req, fuse_ino_t ino, const char *buf, size_t siz
     PyGILState_Release(gs);
 }
 
+/* ---- lookup, getattr, unlink, forget ------------------------------------ */
+
+/* Once set_meta_handlers() registers them, these four are answered the same
+ * way as reads and writes: the handler is called synchronously and its result
+ * replied at once (no coroutine, and a chain goes on through them).  lookup
+ * and getattr return the attributes as a tuple (ino, mode, nlink, uid, gid,
+ * rdev, size, blksize, blocks in 512-byte units, atime_ns, mtime_ns,
+ * ctime_ns), replied with the timeouts given to set_meta_handlers; unlink
+ * returns 0; an int errno (> 0) is replied as that error, and None passes the
+ * request on to pyfuse3's own handler.  forget has no reply; its handler gets
+ * a list of (ino, nlookup). */
+
+static void set_time(struct timespec *ts, long long ns)
+{
+    long long sec = ns / 1000000000LL, rem = ns % 1000000000LL;
+    if (rem < 0) {
+        rem += 1000000000LL;
+        sec -= 1;
+    }
+    ts->tv_sec = (time_t)sec;
+    ts->tv_nsec = (long)rem;
+}
+
+static int fill_stat(PyObject *t, struct stat *st)
+{
+    unsigned long long ino, nlink, rdev;
+    unsigned int mode, uid, gid;
+    long long size, blksize, blocks, at, mt, ct;
+    if (!PyTuple_Check(t) || PyTuple_GET_SIZE(t) != 12)
+        return -1;
+    if (!PyArg_ParseTuple(t, "KIKIIKLLLLLL", &ino, &mode, &nlink, &uid, &gid, &rdev, &size,
+                          &blksize, &blocks, &at, &mt, &ct))
+        return -1;
+    memset(st, 0, sizeof(*st));
+    st->st_ino = (ino_t)ino;
+    st->st_mode = (mode_t)mode;
+    st->st_nlink = (nlink_t)nlink;
+    st->st_uid = (uid_t)uid;
+    st->st_gid = (gid_t)gid;
+    st->st_rdev = (dev_t)rdev;
+    st->st_size = (off_t)size;
+    st->st_blksize = (blksize_t)blksize;
+    st->st_blocks = (blkcnt_t)blocks;
+    set_time(&st->st_atim, at);
+    set_time(&st->st_mtim, mt);
+    set_time(&st->st_ctim, ct);
+    return 0;
+}
+
+/* An errno the handler returned (1..4095; 0 too when zero_ok), or -1. */
+static int result_errno(PyObject *res, int zero_ok)
+{
+    if (res == NULL || !PyLong_Check(res))
+        return -1;
+    long e = PyLong_AsLong(res);
+    if (e == -1 && PyErr_Occurred())
+        return -1;
+    return (e > 0 || (zero_ok && e == 0)) && e < 4096 ? (int)e : -1;
+}
+
+/* A handler's result that cannot be replied: EIO, and the reason kept. */
+static void reply_bad(fuse_req_t req, const char *op, PyObject *res)
+{
+    if (res != NULL && !PyErr_Occurred())
+        PyErr_Format(PyExc_ValueError, "%s handler returned %R", op, res);
+    keep_exception();
+    n_default_replies++;
+    fuse_reply_err(req, EIO);
+}
+
+/* lookup (entry != 0) or getattr: reply res, a tuple or an errno. */
+static void reply_attributes(fuse_req_t req, PyObject *res, int entry)
+{
+    int e = result_errno(res, 0);
+    struct stat st;
+    if (e > 0) {
+        fuse_reply_err(req, e);
+    } else if (res != NULL && fill_stat(res, &st) == 0) {
+        if (entry) {
+            struct fuse_entry_param ep;
+            memset(&ep, 0, sizeof(ep));
+            ep.ino = st.st_ino;
+            ep.attr = st;
+            ep.attr_timeout = g_attr_timeout;
+            ep.entry_timeout = g_entry_timeout;
+            fuse_reply_entry(req, &ep);
+        } else {
+            fuse_reply_attr(req, &st, g_attr_timeout);
+        }
+    } else {
+        reply_bad(req, entry ? "lookup" : "getattr", res);
+    }
+}
+
+/* Call handler(*args built from fmt) with the GIL held and any pending
+ * exception set aside; *gs and *saved are restored by meta_end(). */
+typedef struct {
+    PyGILState_STATE gs;
+    PyObject *type, *value, *tb;
+} meta_call;
+
+static void meta_begin(meta_call *c)
+{
+    c->gs = PyGILState_Ensure();
+    PyErr_Fetch(&c->type, &c->value, &c->tb);
+}
+
+static void meta_end(meta_call *c, PyObject *res)
+{
+    Py_XDECREF(res);
+    PyErr_Restore(c->type, c->value, c->tb);
+    PyGILState_Release(c->gs);
+}
+
+static PyObject *meta_call_handler(PyObject *handler, const char *fmt, ...)
+{
+    va_list va;
+    va_start(va, fmt);
+    n_meta++;
+    Py_INCREF(handler);
+    PyObject *res = Py_VaBuildValue(fmt, va);
+    va_end(va);
+    if (res != NULL) {
+        PyObject *args = res;
+        res = PyObject_CallObject(handler, args);
+        Py_DECREF(args);
+    }
+    Py_DECREF(handler);
+    return res;
+}
+
+/* A handler returned None: pyfuse3's handler serves the request. */
+#define META_PASS(orig, ...)                      \
+    do {                                          \
+        g_passed = 1;                             \
+        if ((orig) != NULL)                       \
+            (orig)(__VA_ARGS__);                  \
+        else                                      \
+            fuse_reply_err(req, ENOSYS);          \
+    } while (0)
+
+static void op_lookup(fuse_req_t req, fuse_ino_t parent, const char *name)
+{
+    meta_call c;
+    meta_begin(&c);
+    PyObject *res = NULL;
+    if (h_lookup == NULL) {
+        META_PASS(orig_lookup, req, parent, name);
+    } else {
+        res = meta_call_handler(h_lookup, "(Ky#)", (unsigned long long)parent, name,
+                                (Py_ssize_t)strlen(name));
+        if (res == Py_None) {
+            n_meta_passed++;
+            META_PASS(orig_lookup, req, parent, name);
+        } else {
+            reply_attributes(req, res, 1);
+        }
+    }
+    meta_end(&c, res);
+}
+
+static void op_getattr(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi)
+{
+    meta_call c;
+    meta_begin(&c);
+    PyObject *res = NULL;
+    if (h_getattr == NULL) {
+        META_PASS(orig_getattr, req, ino, fi);
+    } else {
+        res = meta_call_handler(h_getattr, "(K)", (unsigned long long)ino);
+        if (res == Py_None) {
+            n_meta_passed++;
+            META_PASS(orig_getattr, req, ino, fi);
+        } else {
+            reply_attributes(req, res, 0);
+        }
+    }
+    meta_end(&c, res);
+}
+
+static void op_unlink(fuse_req_t req, fuse_ino_t parent, const char *name)
+{
+    meta_call c;
+    meta_begin(&c);
+    PyObject *res = NULL;
+    if (h_unlink == NULL) {
+        META_PASS(orig_unlink, req, parent, name);
+    } else {
+        res = meta_call_handler(h_unlink, "(Ky#)", (unsigned long long)parent, name,
+                                (Py_ssize_t)strlen(name));
+        int e = result_errno(res, 1);
+        if (res == Py_None) {
+            n_meta_passed++;
+            META_PASS(orig_unlink, req, parent, name);
+        } else if (e >= 0) {
+            fuse_reply_err(req, e);
+        } else {
+            reply_bad(req, "unlink", res);
+        }
+    }
+    meta_end(&c, res);
+}
+
+/* forget has no reply, so its handler cannot pass it on: what it raises is kept. */
+static void forget_done(PyObject *res)
+{
+    if (res == NULL)
+        keep_exception();
+}
+
+static void op_forget(fuse_req_t req, fuse_ino_t ino, uint64_t nlookup)
+{
+    meta_call c;
+    meta_begin(&c);
+    PyObject *res = NULL;
+    if (h_forget == NULL) {
+        if (orig_forget != NULL)
+            orig_forget(req, ino, nlookup);
+        else
+            fuse_reply_none(req);
+    } else {
+        res = meta_call_handler(h_forget, "([(KK)])", (unsigned long long)ino,
+                                (unsigned long long)nlookup);
+        forget_done(res);
+        fuse_reply_none(req);
+    }
+    meta_end(&c, res);
+}
+
+static void op_forget_multi(fuse_req_t req, size_t count, struct fuse_forget_data *forgets)
+{
+    meta_call c;
+    meta_begin(&c);
+    PyObject *res = NULL;
+    if (h_forget == NULL) {
+        if (orig_forget_multi != NULL)
+            orig_forget_multi(req, count, forgets);
+        else
+            fuse_reply_none(req);
+    } else {
+        PyObject *list = PyList_New((Py_ssize_t)count);
+        for (size_t i = 0; list != NULL && i < count; i++) {
+            PyObject *item = Py_BuildValue("(KK)", (unsigned long long)forgets[i].ino,
+                                           (unsigned long long)forgets[i].nlookup);
+            if (item == NULL)
+                Py_CLEAR(list);
+            else
+                PyList_SET_ITEM(list, (Py_ssize_t)i, item);
+        }
+        if (list != NULL) {
+            res = meta_call_handler(h_forget, "(O)", list);
+            Py_DECREF(list);
+        }
+        forget_done(res);
+        fuse_reply_none(req);
+    }
+    meta_end(&c, res);
+}
+
 /* ---- the interposed libfuse entry points ------------------------------- */
 
 EXPORT struct fuse_session *
@@ -711,6 +992,16 @@ fuse_session_new(struct fuse_args *args, const struct fuse_lowlevel_ops *op,
      * big writes into a pipe); without it every write comes to op_write, in
      * memory.  pyfuse3's plain write handler serves whatever op_write passes on. */
     ops.write_buf = NULL;
+    orig_lookup = ops.lookup;
+    ops.lookup = op_lookup;
+    orig_getattr = ops.getattr;
+    ops.getattr = op_getattr;
+    orig_unlink = ops.unlink;
+    ops.unlink = op_unlink;
+    orig_forget = ops.forget;
+    ops.forget = op_forget;
+    orig_forget_multi = ops.forget_multi;
+    ops.forget_multi = op_forget_multi;
     g_interposed = 1;
     return real(args, &ops, sizeof(ops), userdata);
 }
@@ -754,8 +1045,16 @@ static int served_inline(const struct fuse_buf *buf)
 {
     if ((buf->flags & FUSE_BUF_IS_FD) || buf->mem == NULL || buf->size < sizeof(struct wire_in_header))
         return 0;
-    uint32_t opcode = ((struct wire_in_header *)buf->mem)->opcode;
-    return (opcode == WIRE_READ && h_read != NULL) || (opcode == WIRE_WRITE && h_write != NULL);
+    switch (((struct wire_in_header *)buf->mem)->opcode) {
+    case WIRE_READ: return h_read != NULL;
+    case WIRE_WRITE: return h_write != NULL;
+    case WIRE_LOOKUP: return h_lookup != NULL;
+    case WIRE_GETATTR: return h_getattr != NULL;
+    case WIRE_UNLINK: return h_unlink != NULL;
+    case WIRE_FORGET:
+    case WIRE_BATCH_FORGET: return h_forget != NULL;
+    default: return 0;
+    }
 }
 
 static long long now_ns(void)
@@ -859,6 +1158,31 @@ static PyObject *m_set_write_handler(PyObject *mod, PyObject *arg)
     return set_slot(&h_write, arg, "write");
 }
 
+static PyObject *m_set_meta_handlers(PyObject *mod, PyObject *args, PyObject *kw)
+{
+    static char *kwlist[] = {"lookup", "getattr", "unlink", "forget", "entry_timeout",
+                             "attr_timeout", NULL};
+    PyObject *lk = Py_None, *ga = Py_None, *ul = Py_None, *fg = Py_None;
+    double et = 1.0, at = 1.0;
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "|OOOOdd:set_meta_handlers", kwlist,
+                                     &lk, &ga, &ul, &fg, &et, &at))
+        return NULL;
+    if (check_callable(lk, "lookup") < 0 || check_callable(ga, "getattr") < 0
+        || check_callable(ul, "unlink") < 0 || check_callable(fg, "forget") < 0)
+        return NULL;
+    if (!(et >= 0) || !(at >= 0)) {
+        PyErr_SetString(PyExc_ValueError, "timeouts must be >= 0");
+        return NULL;
+    }
+    Py_XSETREF(h_lookup, lk == Py_None ? NULL : Py_NewRef(lk));
+    Py_XSETREF(h_getattr, ga == Py_None ? NULL : Py_NewRef(ga));
+    Py_XSETREF(h_unlink, ul == Py_None ? NULL : Py_NewRef(ul));
+    Py_XSETREF(h_forget, fg == Py_None ? NULL : Py_NewRef(fg));
+    g_entry_timeout = et;
+    g_attr_timeout = at;
+    Py_RETURN_NONE;
+}
+
 static PyObject *m_set_chain_wait(PyObject *mod, PyObject *arg)
 {
     long us = PyLong_AsLong(arg);
@@ -879,7 +1203,7 @@ static PyObject *m_interposed(PyObject *mod, PyObject *unused)
 
 static PyObject *m_counts(PyObject *mod, PyObject *unused)
 {
-    return Py_BuildValue("{s:K,s:K,s:K,s:K,s:K,s:K,s:K,s:K,s:K,s:K}",
+    return Py_BuildValue("{s:K,s:K,s:K,s:K,s:K,s:K,s:K,s:K,s:K,s:K,s:K,s:K}",
                          "copy_file_range", n_copy_file_range,
                          "copy_file_range_64", n_copy_file_range_64,
                          "fallocate", n_fallocate,
@@ -887,6 +1211,8 @@ static PyObject *m_counts(PyObject *mod, PyObject *unused)
                          "write", n_write,
                          "write_passed", n_write_passed,
                          "write_kept", n_write_kept,
+                         "meta", n_meta,
+                         "meta_passed", n_meta_passed,
                          "default_replies", n_default_replies,
                          "dropped", n_dropped,
                          "chained", n_chained);
@@ -916,6 +1242,14 @@ static PyMethodDef module_methods[] = {
      "every write; data is bytes, or a WriteData (read-only buffer, no copy) for a\n"
      "big write; None passes the request to pyfuse3's handler; None as write gives\n"
      "writes back to pyfuse3.  An exception replies EIO (see last_exception())."},
+    {"set_meta_handlers", (PyCFunction)(void (*)(void))m_set_meta_handlers, METH_VARARGS | METH_KEYWORDS,
+     "set_meta_handlers(lookup=None, getattr=None, unlink=None, forget=None,\n"
+     "                  entry_timeout=1.0, attr_timeout=1.0)\n\n"
+     "lookup(parent, name) / getattr(ino) -> (ino, mode, nlink, uid, gid, rdev, size,\n"
+     "blksize, blocks, atime_ns, mtime_ns, ctime_ns) | errno | None;\n"
+     "unlink(parent, name) -> 0 | errno | None; forget([(ino, nlookup), ...]).\n"
+     "Called synchronously; None passes the request to pyfuse3's handler; a handler\n"
+     "set to None gives its requests back to pyfuse3.  An exception replies EIO."},
     {"set_chain_wait", m_set_chain_wait, METH_O,
      "set_chain_wait(wait_us)\n\n"
      "After a read or write answered by its handler, wait up to wait_us microseconds\n"

@@ -101,29 +101,54 @@ class Operations(pyfuse3.Operations):
 
     # -- helpers -------------------------------------------------------------------------------
     @staticmethod
-    def entry(a: Attr) -> pyfuse3.EntryAttributes:
+    def stat_tuple(a: Attr) -> tuple:
+        """The attributes the kernel gets, in the order of extops.set_meta_handlers' replies."""
+        return (a.ino, a.mode, a.nlink, a.uid, a.gid, a.rdev, a.size, 4096, a.blocks * 8,
+                a.atime_ns, a.mtime_ns, a.ctime_ns)
+
+    @classmethod
+    def entry(cls, a: Attr) -> pyfuse3.EntryAttributes:
         e = pyfuse3.EntryAttributes()
-        e.st_ino = a.ino
+        (e.st_ino, e.st_mode, e.st_nlink, e.st_uid, e.st_gid, e.st_rdev, e.st_size, e.st_blksize,
+         e.st_blocks, e.st_atime_ns, e.st_mtime_ns, e.st_ctime_ns) = cls.stat_tuple(a)
         e.generation = 0
         e.entry_timeout = ENTRY_TIMEOUT
         e.attr_timeout = ATTR_TIMEOUT
-        e.st_mode = a.mode
-        e.st_nlink = a.nlink
-        e.st_uid = a.uid
-        e.st_gid = a.gid
-        e.st_rdev = a.rdev
-        e.st_size = a.size
-        e.st_blksize = 4096
-        e.st_blocks = a.blocks * 8
-        e.st_atime_ns = a.atime_ns
-        e.st_mtime_ns = a.mtime_ns
-        e.st_ctime_ns = a.ctime_ns
         return e
 
     def _ref(self, a: Attr) -> pyfuse3.EntryAttributes:
         """An entry for the kernel, which counts it as a lookup until it sends forget (see Volume.looked_up)."""
         self.vol.looked_up(a.ino)
         return self.entry(a)
+
+    # -- the handlers extops calls synchronously (see mount.py): a result, an errno, or None --------
+    def lookup_now(self, parent: int, name: bytes):
+        try:
+            a = self.vol.lookup(parent, name)
+        except Exception as e:
+            return _errno_of(e, "lookup", (parent, name))
+        self.vol.looked_up(a.ino)
+        return self.stat_tuple(a)
+
+    def getattr_now(self, ino: int):
+        try:
+            return self.stat_tuple(self.vol.getattr(ino))
+        except Exception as e:
+            return _errno_of(e, "getattr", (ino,))
+
+    def unlink_now(self, parent: int, name: bytes) -> int:
+        try:
+            self._unlink(parent, name)
+        except Exception as e:
+            return _errno_of(e, "unlink", (parent, name))
+        return 0
+
+    def forget_now(self, inode_list) -> None:
+        for ino, nlookup in inode_list:
+            try:
+                self.vol.forget(ino, nlookup)
+            except Exception:      # forget must not raise: it answers no request
+                log.exception("internal error in forget(%d, %d)", ino, nlookup)
 
     async def _let_forgets_in(self) -> None:
         """A removed inode the kernel still knows is freed when its FORGET arrives, which the kernel may queue
@@ -216,8 +241,11 @@ class Operations(pyfuse3.Operations):
 
     @_translate
     async def unlink(self, parent_inode, name, ctx):
+        self._unlink(parent_inode, name)
+
+    def _unlink(self, parent: int, name: bytes) -> None:
         self._removed_at = time.monotonic()
-        self.vol.unlink(parent_inode, name)
+        self.vol.unlink(parent, name)
 
     @_translate
     async def rmdir(self, parent_inode, name, ctx):
@@ -436,8 +464,4 @@ class Operations(pyfuse3.Operations):
         await self.commit()
 
     async def forget(self, inode_list):
-        for ino, nlookup in inode_list:
-            try:
-                self.vol.forget(ino, nlookup)
-            except Exception:      # forget must not raise: it answers no request
-                log.exception("internal error in forget(%d, %d)", ino, nlookup)
+        self.forget_now(inode_list)

@@ -89,6 +89,13 @@ a reference to it (a memoryview counts) takes the receive buffer over, and the s
 next requests into another (reused from a small pool, or newly allocated); one that keeps nothing
 leaves the buffer to the session.
 
+:func:`set_meta_handlers` does the same for lookup, getattr, unlink and forget, the requests that
+walking, stat-ing and removing files are made of: ``lookup(parent, name)`` and ``getattr(ino)`` return
+the attributes as a tuple ``(ino, mode, nlink, uid, gid, rdev, size, blksize, blocks, atime_ns,
+mtime_ns, ctime_ns)`` (``blocks`` in 512-byte units; replied with the timeouts given to
+``set_meta_handlers``), ``unlink(parent, name)`` returns 0, and each returns an errno (an int > 0) to
+fail or None to pass the request on to pyfuse3; ``forget(list of (ino, nlookup))`` has no reply.
+
 Chains: pyfuse3's loop takes every request through trio (a lock, ``wait_readable``, a task
 switch), which costs more than a cached read itself.  After a read or write a handler answered, the C
 side waits up to :func:`set_chain_wait` microseconds (default 100) for the next request and processes
@@ -272,6 +279,14 @@ def set_write_handler(write: Callable[[int, int, Any], Any] | None) -> None:
     """Serve writes with ``write(fh, off, data)`` (see "Reads and writes" above), or give them back to
     pyfuse3 (None)."""
     _require().set_write_handler(write)
+
+
+def set_meta_handlers(lookup=None, getattr=None, unlink=None, forget=None,
+                      entry_timeout: float = 1.0, attr_timeout: float = 1.0) -> None:
+    """Serve lookup, getattr, unlink and forget synchronously (see "Reads and writes" above); a handler
+    left None gives its requests back to pyfuse3."""
+    _require().set_meta_handlers(lookup=lookup, getattr=getattr, unlink=unlink, forget=forget,
+                                 entry_timeout=entry_timeout, attr_timeout=attr_timeout)
 
 
 def set_chain_wait(wait_us: int) -> None:

@@ -53,7 +53,7 @@ def run(opts: MountOptions, ready=None) -> int:
 
     from ..core.volume import Volume
     from ..core.cache import make_io
-    from .adapter import Operations
+    from .adapter import ATTR_TIMEOUT, ENTRY_TIMEOUT, Operations
     from .ranges import RangeOps
 
     volume = Volume.open(opts.store, io_factory=make_io(opts.cache, opts.cache_size))
@@ -72,6 +72,9 @@ def run(opts: MountOptions, ready=None) -> int:
                 ranges.install()
                 extops.set_read_handler(ops.read_parts)
                 extops.set_write_handler(ops.write_now)
+                extops.set_meta_handlers(lookup=ops.lookup_now, getattr=ops.getattr_now, unlink=ops.unlink_now,
+                                         forget=ops.forget_now, entry_timeout=ENTRY_TIMEOUT,
+                                         attr_timeout=ATTR_TIMEOUT)
             else:
                 warning = ("warning: copy_file_range is not handled by this mount ("
                            f"{getattr(ext_ok, 'reason', None) or 'the interposition did not take effect'}); "

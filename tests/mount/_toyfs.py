@@ -18,6 +18,11 @@ writes at offsets from 1 MiB to 8 MiB are passed on (None) to pyfuse3's own
 write handler, writes from 8 MiB on are kept: the handler holds on to the data
 object it was given, and logs its SHA-256 again at exit; and on "drop" the
 handler raises (the write must fail with EIO).
+MODE "meta": lookup, getattr, unlink and forget go to handlers registered with
+extops.set_meta_handlers (timeouts 0, so every stat reaches them), which answer
+with fixed atime/mtime; "pass" is passed on to pyfuse3's lookup, the getattr of
+"dst" to pyfuse3's getattr; lookup of "bad" returns a malformed result, unlink
+of "dst" answers EPERM and of "drop" raises.
 
 Every handler call and every write is appended to LOGFILE as a JSON line.
 """
@@ -40,6 +45,8 @@ import trio  # noqa: E402
 
 ROOT = pyfuse3.ROOT_INODE
 SRC_DATA = bytes(range(256)) * 64  # 16 KiB, known to the test
+META_ATIME_NS = -1_500_000_001     # "meta": the times the synchronous handlers answer with
+META_MTIME_NS = 1_234_567_891_234_567_891
 KEEP_FROM = 8 << 20                # "writev": write_now keeps the data of writes from here on
 
 
@@ -84,12 +91,56 @@ class ToyFS(pyfuse3.Operations):
         return a
 
     async def lookup(self, parent, name, ctx=None):
+        self.log(event="lookup", name=name.decode())
         if parent != ROOT or name not in self.names:
             raise pyfuse3.FUSEError(errno.ENOENT)
         return self.attr(self.names[name])
 
     async def getattr(self, ino, ctx=None):
+        self.log(event="getattr", ino=ino)
         return self.attr(ino)
+
+    async def unlink(self, parent, name, ctx):
+        self.log(event="unlink", name=name.decode())
+
+    # "meta" mode: the handlers extops calls synchronously
+    def stat_tuple(self, ino):
+        a = self.attr(ino)
+        return (ino, a.st_mode, a.st_nlink, a.st_uid, a.st_gid, 0, a.st_size, 4096, a.st_blocks,
+                META_ATIME_NS, META_MTIME_NS, a.st_ctime_ns)
+
+    def lookup_now(self, parent, name):
+        self.log(event="lookup_now", name=name.decode())
+        if name == b"pass":
+            return None
+        if name == b"bad":
+            return ("not", "attributes")
+        if parent != ROOT or name not in self.names:
+            return errno.ENOENT
+        return self.stat_tuple(self.names[name])
+
+    def getattr_now(self, ino):
+        self.log(event="getattr_now", ino=ino)
+        if ino == 3:                # dst: pyfuse3's getattr
+            return None
+        if ino != ROOT and ino not in self.data:
+            return errno.ENOENT
+        return self.stat_tuple(ino)
+
+    def unlink_now(self, parent, name):
+        self.log(event="unlink_now", name=name.decode())
+        if name == b"dst":
+            return errno.EPERM
+        if name == b"drop":
+            raise ValueError("unlink handler failure (expected by the test)")
+        ino = self.names.pop(name, None)
+        if ino is None:
+            return errno.ENOENT
+        del self.data[ino]
+        return 0
+
+    def forget_now(self, inodes):
+        self.log(event="forget_now", inodes=inodes)
 
     async def setattr(self, ino, attr, fields, fh, ctx):
         if fields.update_size:
@@ -250,6 +301,9 @@ def main():
         extops.set_read_handler(fs.read_parts)
         if mode == "readv-nochain":
             extops.set_chain_wait(0)
+    elif mode == "meta":
+        extops.set_meta_handlers(lookup=fs.lookup_now, getattr=fs.getattr_now, unlink=fs.unlink_now,
+                                 forget=fs.forget_now, entry_timeout=0, attr_timeout=0)
     elif mode == "writev":
         fs.direct_io = True
         extops.set_write_handler(fs.write_now)

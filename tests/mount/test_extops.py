@@ -11,6 +11,7 @@ import json
 import mmap
 import os
 import shutil
+import stat
 import subprocess
 import sys
 import textwrap
@@ -23,6 +24,8 @@ import pytest
 HERE = Path(__file__).resolve().parent
 TOYFS = HERE / "_toyfs.py"
 SRC_DATA = bytes(range(256)) * 64  # must match _toyfs.SRC_DATA
+META_ATIME_NS = -1_500_000_001     # ... and these _toyfs.META_*
+META_MTIME_NS = 1_234_567_891_234_567_891
 MOUNT_TIMEOUT = 20.0
 WATCHDOG = 120.0  # a hung request is turned into a failure, not a hung test
 
@@ -383,6 +386,42 @@ def test_big_writes_reach_the_handler_uncopied_and_kept_data_stays_intact(tmp_pa
     assert [(r["off"], r["size"], r["sha"]) for r in m.records("write")] == [(2 << 20, 1 << 20, sha[5])]
     (exit_rec,) = m.records("exit")
     assert exit_rec["counts"]["write_kept"] == 12 and exit_rec["last_exception"] is None
+
+
+def test_meta_handlers_answer_lookup_getattr_unlink_and_forget(tmp_path):
+    with toy_mount(tmp_path, "meta") as m:
+        st = os.stat(m.path("src"))
+        assert (st.st_ino, st.st_size, st.st_blksize, st.st_blocks) == (2, len(SRC_DATA), 4096, 32)
+        assert stat.S_ISREG(st.st_mode) and stat.S_IMODE(st.st_mode) == 0o644 and st.st_nlink == 1
+        assert (st.st_atime_ns, st.st_mtime_ns) == (META_ATIME_NS, META_MTIME_NS)
+        assert os.stat(m.path("dst")).st_mtime_ns != META_MTIME_NS      # pyfuse3's getattr answered
+        with pytest.raises(FileNotFoundError):
+            os.stat(m.path("nothing"))
+        with pytest.raises(FileNotFoundError):
+            os.stat(m.path("pass"))                                     # pyfuse3's lookup answered
+        with pytest.raises(OSError) as ei:
+            os.stat(m.path("bad"))
+        assert ei.value.errno == errno.EIO
+        os.unlink(m.path("src"))
+        with pytest.raises(FileNotFoundError):
+            os.stat(m.path("src"))
+        with pytest.raises(PermissionError):
+            os.unlink(m.path("dst"))
+        with pytest.raises(OSError) as ei:
+            os.unlink(m.path("drop"))
+        assert ei.value.errno == errno.EIO
+        deadline = time.monotonic() + 10                                # the unlinked inode is evicted
+        while not any(ino == 2 for r in m.records("forget_now") for ino, _ in r["inodes"]):
+            assert time.monotonic() < deadline, "no forget for the unlinked inode"
+            time.sleep(0.05)
+    assert [r["name"] for r in m.records("lookup")] == ["pass"]
+    assert {r["ino"] for r in m.records("getattr")} == {3}
+    assert m.records("unlink") == []
+    assert [r["name"] for r in m.records("unlink_now")] == ["src", "dst", "drop"]
+    (exit_rec,) = m.records("exit")
+    c = exit_rec["counts"]
+    assert c["meta"] >= 10 and c["meta_passed"] >= 2 and c["default_replies"] == 2
+    assert "unlink handler failure" in exit_rec["last_exception"]
 
 
 LOAD_AFTER_PYFUSE3 = textwrap.dedent("""
