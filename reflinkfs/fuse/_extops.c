@@ -817,8 +817,12 @@ static void meta_end(meta_call *c, PyObject *res)
     PyGILState_Release(c->gs);
 }
 
+/* handler(*args built from fmt); None (a new reference) when there is no
+ * handler, which the caller passes on to pyfuse3 as it does a None result. */
 static PyObject *meta_call_handler(PyObject *handler, const char *fmt, ...)
 {
+    if (handler == NULL)
+        return Py_NewRef(Py_None);
     va_list va;
     va_start(va, fmt);
     n_meta++;
@@ -831,6 +835,8 @@ static PyObject *meta_call_handler(PyObject *handler, const char *fmt, ...)
         Py_DECREF(args);
     }
     Py_DECREF(handler);
+    if (res == Py_None)
+        n_meta_passed++;
     return res;
 }
 
@@ -848,19 +854,12 @@ static void op_lookup(fuse_req_t req, fuse_ino_t parent, const char *name)
 {
     meta_call c;
     meta_begin(&c);
-    PyObject *res = NULL;
-    if (h_lookup == NULL) {
+    PyObject *res = meta_call_handler(h_lookup, "(Ky#)", (unsigned long long)parent, name,
+                                      (Py_ssize_t)strlen(name));
+    if (res == Py_None)
         META_PASS(orig_lookup, req, parent, name);
-    } else {
-        res = meta_call_handler(h_lookup, "(Ky#)", (unsigned long long)parent, name,
-                                (Py_ssize_t)strlen(name));
-        if (res == Py_None) {
-            n_meta_passed++;
-            META_PASS(orig_lookup, req, parent, name);
-        } else {
-            reply_attributes(req, res, 1);
-        }
-    }
+    else
+        reply_attributes(req, res, 1);
     meta_end(&c, res);
 }
 
@@ -868,18 +867,11 @@ static void op_getattr(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi
 {
     meta_call c;
     meta_begin(&c);
-    PyObject *res = NULL;
-    if (h_getattr == NULL) {
+    PyObject *res = meta_call_handler(h_getattr, "(K)", (unsigned long long)ino);
+    if (res == Py_None)
         META_PASS(orig_getattr, req, ino, fi);
-    } else {
-        res = meta_call_handler(h_getattr, "(K)", (unsigned long long)ino);
-        if (res == Py_None) {
-            n_meta_passed++;
-            META_PASS(orig_getattr, req, ino, fi);
-        } else {
-            reply_attributes(req, res, 0);
-        }
-    }
+    else
+        reply_attributes(req, res, 0);
     meta_end(&c, res);
 }
 
@@ -887,22 +879,15 @@ static void op_unlink(fuse_req_t req, fuse_ino_t parent, const char *name)
 {
     meta_call c;
     meta_begin(&c);
-    PyObject *res = NULL;
-    if (h_unlink == NULL) {
+    PyObject *res = meta_call_handler(h_unlink, "(Ky#)", (unsigned long long)parent, name,
+                                      (Py_ssize_t)strlen(name));
+    int e = result_errno(res, 1);
+    if (res == Py_None)
         META_PASS(orig_unlink, req, parent, name);
-    } else {
-        res = meta_call_handler(h_unlink, "(Ky#)", (unsigned long long)parent, name,
-                                (Py_ssize_t)strlen(name));
-        int e = result_errno(res, 1);
-        if (res == Py_None) {
-            n_meta_passed++;
-            META_PASS(orig_unlink, req, parent, name);
-        } else if (e >= 0) {
-            fuse_reply_err(req, e);
-        } else {
-            reply_bad(req, "unlink", res);
-        }
-    }
+    else if (e >= 0)
+        fuse_reply_err(req, e);
+    else
+        reply_bad(req, "unlink", res);
     meta_end(&c, res);
 }
 
