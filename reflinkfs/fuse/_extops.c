@@ -41,12 +41,13 @@
  *
  * Chains: pyfuse3's loop goes through trio for every request (a lock,
  * wait_readable, a task switch), which costs more than serving a cached read.
- * So after a read or write that op_read / op_write answered inline, the
+ * So after a request a handler answered inline (a read, a write, or one of
+ * the metadata requests of set_meta_handlers), the
  * interposed fuse_session_process_buf waits up to chain_wait_ns for the next
  * request (ppoll, GIL released) and, if one comes, receives it into the same
  * buffer and processes it at once.  The chain goes on while the requests are
- * such reads and writes and ends at the first other request (or a write the
- * handler passes on to pyfuse3): that one is processed the usual
+ * such requests and ends at the first other request (or one a handler
+ * passes on to pyfuse3): that one is processed the usual
  * way, and the coroutine pyfuse3's handler left for it is awaited by
  * pyfuse3's loop as soon as we return.  A chain ends after CHAIN_MAX requests
  * or CHAIN_MAX_NS, at a timeout, a signal, an error or session exit, so the
@@ -1023,8 +1024,8 @@ static void process_one(process_buf_fn real, struct fuse_session *se, const stru
     g_cur = NULL;
 }
 
-/* A read or write that op_read / op_write will answer before libfuse returns
- * (it leaves no coroutine for pyfuse3's loop to await), unless op_write passes
+/* A request a registered handler will answer before libfuse returns (it
+ * leaves no coroutine for pyfuse3's loop to await), unless the handler passes
  * it on (g_passed). */
 static int served_inline(const struct fuse_buf *buf)
 {

@@ -97,10 +97,11 @@ mtime_ns, ctime_ns)`` (``blocks`` in 512-byte units; replied with the timeouts g
 fail or None to pass the request on to pyfuse3; ``forget(list of (ino, nlookup))`` has no reply.
 
 Chains: pyfuse3's loop takes every request through trio (a lock, ``wait_readable``, a task
-switch), which costs more than a cached read itself.  After a read or write a handler answered, the C
-side waits up to :func:`set_chain_wait` microseconds (default 100) for the next request and processes
-it at once; it goes on while the requests are such reads and writes.  The first other request (or a
-write passed on to pyfuse3) ends the chain and is processed the usual way: pyfuse3's loop awaits its
+switch), which costs more than a cached read itself.  After a request a handler answered (a read, a
+write, or one of the metadata requests above), the C side waits up to :func:`set_chain_wait`
+microseconds (default 100) for the next request and processes it at once; it goes on while the
+requests are such requests.  The first other request (or one a handler passes on to pyfuse3) ends
+the chain and is processed the usual way: pyfuse3's loop awaits its
 coroutine as soon as the chain returns.  A chain
 holds the loop for at most 256 requests or 2 ms.  ``counts()['chained']`` counts the requests
 received by chains.
