@@ -548,6 +548,16 @@ static void op_fallocate(fuse_req_t req, fuse_ino_t ino, int mode,
 
 #define READ_STACK_PARTS 40
 
+/* A handler's result that cannot be replied: EIO, and the reason kept. */
+static void reply_bad(fuse_req_t req, const char *op, PyObject *res)
+{
+    if (res != NULL && !PyErr_Occurred())
+        PyErr_Format(PyExc_ValueError, "%s handler returned %R", op, res);
+    keep_exception();
+    n_default_replies++;
+    fuse_reply_err(req, EIO);
+}
+
 /* Reply to a read with the handler's answer: a list or tuple of buffers
  * (sent as they are, one iovec each), an int errno, or any one buffer. */
 static int reply_read(fuse_req_t req, PyObject *res)
@@ -632,37 +642,36 @@ static void op_read(fuse_req_t req, fuse_ino_t ino, size_t size, off_t off,
                                           (unsigned long long)(fi ? fi->fh : 0),
                                           (long long)off, (unsigned long long)size);
     Py_DECREF(handler);
-    if (res == NULL || reply_read(req, res) < 0) {
-        keep_exception();
-        n_default_replies++;
-        fuse_reply_err(req, EIO);
-    }
+    if (res == NULL || reply_read(req, res) < 0)
+        reply_bad(req, "read", res);
     Py_XDECREF(res);
     PyErr_Restore(s_type, s_val, s_tb);
     PyGILState_Release(gs);
 }
 
+/* Pass the request on: pyfuse3's handler `orig` serves it (there is no
+ * handler, or it returned None), and the chain ends. */
+#define PASS_ON(orig, ...)                        \
+    do {                                          \
+        g_passed = 1;                             \
+        if ((orig) != NULL)                       \
+            (orig)(__VA_ARGS__);                  \
+        else                                      \
+            fuse_reply_err(req, ENOSYS);          \
+    } while (0)
+
 /* A write: h_write gets the request's data, a WriteData for a big write (see
  * above) and otherwise a `bytes` copy, as pyfuse3 makes.  It answers with the
  * count written, -errno, or None to pass the request to pyfuse3's own handler
- * (a write that has to wait). */
-static void pass_write(fuse_req_t req, fuse_ino_t ino, const char *buf, size_t size, off_t off,
-                       struct fuse_file_info *fi)
-{
-    g_passed = 1;
-    if (orig_write != NULL)
-        orig_write(req, ino, buf, size, off, fi);   /* copies the data before it returns */
-    else
-        fuse_reply_err(req, ENOSYS);
-}
-
+ * (a write that has to wait).  pyfuse3's handler copies the data
+ * of a write passed on before it returns. */
 static void op_write(fuse_req_t req, fuse_ino_t ino, const char *buf, size_t size, off_t off,
                      struct fuse_file_info *fi)
 {
     PyGILState_STATE gs = PyGILState_Ensure();
     PyObject *handler = h_write;
     if (handler == NULL || size > (size_t)PY_SSIZE_T_MAX) {
-        pass_write(req, ino, buf, size, off, fi);
+        PASS_ON(orig_write, req, ino, buf, size, off, fi);
         PyGILState_Release(gs);
         return;
     }
@@ -683,20 +692,15 @@ static void op_write(fuse_req_t req, fuse_ino_t ino, const char *buf, size_t siz
     }
     if (res == Py_None) {
         n_write_passed++;
-        pass_write(req, ino, buf, size, off, fi);   /* buf stays valid: data holds it if kept */
+        PASS_ON(orig_write, req, ino, buf, size, off, fi);   /* buf stays valid: data holds it if kept */
     } else {
         long long v = (res != NULL && PyLong_Check(res)) ? PyLong_AsLongLong(res) : 0;
-        if (res == NULL || !PyLong_Check(res) || PyErr_Occurred() || v > (long long)size || v < -4095) {
-            if (res != NULL && !PyErr_Occurred())
-                PyErr_Format(PyExc_ValueError, "write handler returned %R", res);
-            keep_exception();
-            n_default_replies++;
-            fuse_reply_err(req, EIO);
-        } else if (v < 0) {
+        if (res == NULL || !PyLong_Check(res) || PyErr_Occurred() || v > (long long)size || v < -4095)
+            reply_bad(req, "write", res);
+        else if (v < 0)
             fuse_reply_err(req, (int)-v);
-        } else {
+        else
             fuse_reply_write(req, (size_t)v);
-        }
     }
     Py_XDECREF(res);
     Py_XDECREF(data);
@@ -762,16 +766,6 @@ static int result_errno(PyObject *res, int zero_ok)
     if (e == -1 && PyErr_Occurred())
         return -1;
     return (e > 0 || (zero_ok && e == 0)) && e < 4096 ? (int)e : -1;
-}
-
-/* A handler's result that cannot be replied: EIO, and the reason kept. */
-static void reply_bad(fuse_req_t req, const char *op, PyObject *res)
-{
-    if (res != NULL && !PyErr_Occurred())
-        PyErr_Format(PyExc_ValueError, "%s handler returned %R", op, res);
-    keep_exception();
-    n_default_replies++;
-    fuse_reply_err(req, EIO);
 }
 
 /* lookup (entry != 0) or getattr: reply res, a tuple or an errno. */
@@ -841,16 +835,6 @@ static PyObject *meta_call_handler(PyObject *handler, const char *fmt, ...)
     return res;
 }
 
-/* A handler returned None: pyfuse3's handler serves the request. */
-#define META_PASS(orig, ...)                      \
-    do {                                          \
-        g_passed = 1;                             \
-        if ((orig) != NULL)                       \
-            (orig)(__VA_ARGS__);                  \
-        else                                      \
-            fuse_reply_err(req, ENOSYS);          \
-    } while (0)
-
 static void op_lookup(fuse_req_t req, fuse_ino_t parent, const char *name)
 {
     meta_call c;
@@ -858,7 +842,7 @@ static void op_lookup(fuse_req_t req, fuse_ino_t parent, const char *name)
     PyObject *res = meta_call_handler(h_lookup, "(Ky#)", (unsigned long long)parent, name,
                                       (Py_ssize_t)strlen(name));
     if (res == Py_None)
-        META_PASS(orig_lookup, req, parent, name);
+        PASS_ON(orig_lookup, req, parent, name);
     else
         reply_attributes(req, res, 1);
     meta_end(&c, res);
@@ -870,7 +854,7 @@ static void op_getattr(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi
     meta_begin(&c);
     PyObject *res = meta_call_handler(h_getattr, "(K)", (unsigned long long)ino);
     if (res == Py_None)
-        META_PASS(orig_getattr, req, ino, fi);
+        PASS_ON(orig_getattr, req, ino, fi);
     else
         reply_attributes(req, res, 0);
     meta_end(&c, res);
@@ -884,37 +868,11 @@ static void op_unlink(fuse_req_t req, fuse_ino_t parent, const char *name)
                                       (Py_ssize_t)strlen(name));
     int e = result_errno(res, 1);
     if (res == Py_None)
-        META_PASS(orig_unlink, req, parent, name);
+        PASS_ON(orig_unlink, req, parent, name);
     else if (e >= 0)
         fuse_reply_err(req, e);
     else
         reply_bad(req, "unlink", res);
-    meta_end(&c, res);
-}
-
-/* forget has no reply, so its handler cannot pass it on: what it raises is kept. */
-static void forget_done(PyObject *res)
-{
-    if (res == NULL)
-        keep_exception();
-}
-
-static void op_forget(fuse_req_t req, fuse_ino_t ino, uint64_t nlookup)
-{
-    meta_call c;
-    meta_begin(&c);
-    PyObject *res = NULL;
-    if (h_forget == NULL) {
-        if (orig_forget != NULL)
-            orig_forget(req, ino, nlookup);
-        else
-            fuse_reply_none(req);
-    } else {
-        res = meta_call_handler(h_forget, "([(KK)])", (unsigned long long)ino,
-                                (unsigned long long)nlookup);
-        forget_done(res);
-        fuse_reply_none(req);
-    }
     meta_end(&c, res);
 }
 
@@ -942,10 +900,21 @@ static void op_forget_multi(fuse_req_t req, size_t count, struct fuse_forget_dat
             res = meta_call_handler(h_forget, "(O)", list);
             Py_DECREF(list);
         }
-        forget_done(res);
+        if (res == NULL)        /* forget has no reply to pass on: what the handler raised is kept */
+            keep_exception();
         fuse_reply_none(req);
     }
     meta_end(&c, res);
+}
+
+static void op_forget(fuse_req_t req, fuse_ino_t ino, uint64_t nlookup)
+{
+    if (h_forget == NULL && orig_forget != NULL) {
+        orig_forget(req, ino, nlookup);
+        return;
+    }
+    struct fuse_forget_data one = {.ino = ino, .nlookup = nlookup};
+    op_forget_multi(req, 1, &one);
 }
 
 /* ---- the interposed libfuse entry points ------------------------------- */
@@ -1109,6 +1078,13 @@ static int check_callable(PyObject *o, const char *name)
     return 0;
 }
 
+/* Put a checked callable (NULL for None) in a handler slot. */
+static void put_slot(PyObject **slot, PyObject *arg)
+{
+    PyObject *new_handler = arg == Py_None ? NULL : Py_NewRef(arg);
+    Py_XSETREF(*slot, new_handler);
+}
+
 static PyObject *m_set_handlers(PyObject *mod, PyObject *args, PyObject *kw)
 {
     static char *kwlist[] = {"copy_file_range", "fallocate", NULL};
@@ -1117,20 +1093,17 @@ static PyObject *m_set_handlers(PyObject *mod, PyObject *args, PyObject *kw)
         return NULL;
     if (check_callable(cfr, "copy_file_range") < 0 || check_callable(fa, "fallocate") < 0)
         return NULL;
-    PyObject *new_cfr = cfr == Py_None ? NULL : Py_NewRef(cfr);
-    PyObject *new_fa = fa == Py_None ? NULL : Py_NewRef(fa);
-    Py_XSETREF(h_copy_file_range, new_cfr);
-    Py_XSETREF(h_fallocate, new_fa);
+    put_slot(&h_copy_file_range, cfr);
+    put_slot(&h_fallocate, fa);
     Py_RETURN_NONE;
 }
 
-/* Put a callable (or NULL for None) in a handler slot. */
+/* Check a callable, then put_slot() it. */
 static PyObject *set_slot(PyObject **slot, PyObject *arg, const char *name)
 {
     if (check_callable(arg, name) < 0)
         return NULL;
-    PyObject *new_handler = arg == Py_None ? NULL : Py_NewRef(arg);
-    Py_XSETREF(*slot, new_handler);
+    put_slot(slot, arg);
     Py_RETURN_NONE;
 }
 
@@ -1160,10 +1133,10 @@ static PyObject *m_set_meta_handlers(PyObject *mod, PyObject *args, PyObject *kw
         PyErr_SetString(PyExc_ValueError, "timeouts must be >= 0");
         return NULL;
     }
-    Py_XSETREF(h_lookup, lk == Py_None ? NULL : Py_NewRef(lk));
-    Py_XSETREF(h_getattr, ga == Py_None ? NULL : Py_NewRef(ga));
-    Py_XSETREF(h_unlink, ul == Py_None ? NULL : Py_NewRef(ul));
-    Py_XSETREF(h_forget, fg == Py_None ? NULL : Py_NewRef(fg));
+    put_slot(&h_lookup, lk);
+    put_slot(&h_getattr, ga);
+    put_slot(&h_unlink, ul);
+    put_slot(&h_forget, fg);
     g_entry_timeout = et;
     g_attr_timeout = at;
     Py_RETURN_NONE;
