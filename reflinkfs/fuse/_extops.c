@@ -106,6 +106,10 @@ struct wire_in_header {
 #define WIRE_GETATTR 3
 #define WIRE_UNLINK 10
 #define WIRE_BATCH_FORGET 42
+#define WIRE_OPEN 14
+#define WIRE_RELEASE 18
+#define WIRE_FLUSH 25
+#define WIRE_CREATE 35
 #define WIRE_READ 15
 #define WIRE_WRITE 16
 /* The largest count one reply may carry: the older request's reply has 32
@@ -123,6 +127,12 @@ static PyObject *h_getattr = NULL;         /* getattr(ino) -> attributes | errno
 static PyObject *h_unlink = NULL;          /* unlink(parent, name) -> 0 | errno | None */
 static PyObject *h_forget = NULL;          /* forget([(ino, nlookup), ...]) */
 static double g_entry_timeout = 1.0, g_attr_timeout = 1.0;   /* for the replies of h_lookup / h_getattr */
+static PyObject *h_open = NULL;            /* open(ino, flags, pid) -> fh | -errno | None */
+static PyObject *h_create = NULL;          /* create(parent, name, mode, flags, uid, gid, umask, pid)
+                                              -> (fh, attributes) | -errno | None */
+static PyObject *h_release = NULL;         /* release(fh) -> 0 | errno | None */
+static int g_direct_io = 0, g_keep_cache = 0;   /* for the replies of h_open / h_create */
+static int g_no_flush = 0;                 /* FLUSH is answered ENOSYS: the kernel sends no more */
 static int g_passed = 0;                   /* the last request went to pyfuse3's handler after all */
 static PyObject *last_exc = NULL;          /* last exception raised by a handler */
 
@@ -154,6 +164,10 @@ typedef void (*forget_fn)(fuse_req_t, fuse_ino_t, uint64_t);
 static forget_fn orig_forget = NULL;
 typedef void (*forget_multi_fn)(fuse_req_t, size_t, struct fuse_forget_data *);
 static forget_multi_fn orig_forget_multi = NULL;
+typedef void (*file_fn)(fuse_req_t, fuse_ino_t, struct fuse_file_info *);
+static file_fn orig_open = NULL, orig_flush = NULL, orig_release = NULL;
+typedef void (*create_fn)(fuse_req_t, fuse_ino_t, const char *, mode_t, struct fuse_file_info *);
+static create_fn orig_create = NULL;
 
 /* Sessions created through us, and a generation counter bumped whenever one
  * of them is destroyed.  A Request records the generation it was created in;
@@ -917,6 +931,113 @@ static void op_forget(fuse_req_t req, fuse_ino_t ino, uint64_t nlookup)
     op_forget_multi(req, 1, &one);
 }
 
+/* ---- open, create, flush, release -------------------------------------- */
+
+/* Once set_file_handlers() registers them, opening and closing a file are
+ * answered inline too.  open and create return the new file handle (>= 0),
+ * replied with the direct_io and keep_cache given to set_file_handlers (create
+ * with the new file's attributes, as lookup's), or -errno; release returns 0
+ * or an errno, like unlink; None passes the request on to pyfuse3.  With
+ * no_flush, FLUSH is answered ENOSYS, which the kernel takes to mean that
+ * close() has nothing to wait for: it sends no FLUSH again on this mount. */
+
+/* The fh (>= 0) or -errno a handler returned, in *v: 0, or -1 if res is
+ * neither (the caller replies EIO). */
+static int result_fh(PyObject *res, long long *v)
+{
+    if (res == NULL || !PyLong_Check(res))
+        return -1;
+    *v = PyLong_AsLongLong(res);
+    if (PyErr_Occurred() || *v < -4095)
+        return -1;
+    return 0;
+}
+
+static void set_file_info(struct fuse_file_info *fi, long long fh)
+{
+    fi->fh = (uint64_t)fh;
+    fi->direct_io = g_direct_io;
+    fi->keep_cache = g_keep_cache;
+    fi->nonseekable = 0;
+}
+
+static void op_open(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi)
+{
+    meta_call c;
+    meta_begin(&c);
+    const struct fuse_ctx *ctx = fuse_req_ctx(req);
+    PyObject *res = meta_call_handler(h_open, "(KiK)", (unsigned long long)ino, fi->flags,
+                                      (unsigned long long)ctx->pid);
+    long long v;
+    if (res == Py_None) {
+        PASS_ON(orig_open, req, ino, fi);
+    } else if (result_fh(res, &v) < 0) {
+        reply_bad(req, "open", res);
+    } else if (v < 0) {
+        fuse_reply_err(req, (int)-v);
+    } else {
+        set_file_info(fi, v);
+        fuse_reply_open(req, fi);
+    }
+    meta_end(&c, res);
+}
+
+static void op_create(fuse_req_t req, fuse_ino_t parent, const char *name, mode_t mode,
+                      struct fuse_file_info *fi)
+{
+    meta_call c;
+    meta_begin(&c);
+    const struct fuse_ctx *ctx = fuse_req_ctx(req);
+    PyObject *res = meta_call_handler(h_create, "(Ky#IiIIIK)", (unsigned long long)parent, name,
+                                      (Py_ssize_t)strlen(name), (unsigned int)mode, fi->flags,
+                                      (unsigned int)ctx->uid, (unsigned int)ctx->gid,
+                                      (unsigned int)ctx->umask, (unsigned long long)ctx->pid);
+    struct fuse_entry_param ep;
+    long long v;
+    memset(&ep, 0, sizeof(ep));
+    if (res == Py_None) {
+        PASS_ON(orig_create, req, parent, name, mode, fi);
+    } else if (result_fh(res, &v) == 0 && v < 0) {
+        fuse_reply_err(req, (int)-v);
+    } else if (!PyErr_Occurred() && res != NULL && PyTuple_Check(res) && PyTuple_GET_SIZE(res) == 2
+               && result_fh(PyTuple_GET_ITEM(res, 0), &v) == 0 && v >= 0
+               && fill_stat(PyTuple_GET_ITEM(res, 1), &ep.attr) == 0) {
+        ep.ino = ep.attr.st_ino;
+        ep.attr_timeout = g_attr_timeout;
+        ep.entry_timeout = g_entry_timeout;
+        set_file_info(fi, v);
+        fuse_reply_create(req, &ep, fi);
+    } else {
+        reply_bad(req, "create", res);
+    }
+    meta_end(&c, res);
+}
+
+static void op_release(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi)
+{
+    meta_call c;
+    meta_begin(&c);
+    PyObject *res = meta_call_handler(h_release, "(K)", (unsigned long long)fi->fh);
+    int e = result_errno(res, 1);
+    if (res == Py_None)
+        PASS_ON(orig_release, req, ino, fi);
+    else if (e >= 0)
+        fuse_reply_err(req, e);
+    else
+        reply_bad(req, "release", res);
+    meta_end(&c, res);
+}
+
+static void op_flush(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi)
+{
+    if (g_no_flush) {
+        n_meta++;
+        fuse_reply_err(req, ENOSYS);
+    } else {
+        PASS_ON(orig_flush, req, ino, fi);
+    }
+}
+
 /* ---- the interposed libfuse entry points ------------------------------- */
 
 EXPORT struct fuse_session *
@@ -957,6 +1078,14 @@ fuse_session_new(struct fuse_args *args, const struct fuse_lowlevel_ops *op,
     ops.forget = op_forget;
     orig_forget_multi = ops.forget_multi;
     ops.forget_multi = op_forget_multi;
+    orig_open = ops.open;
+    ops.open = op_open;
+    orig_create = ops.create;
+    ops.create = op_create;
+    orig_flush = ops.flush;
+    ops.flush = op_flush;
+    orig_release = ops.release;
+    ops.release = op_release;
     g_interposed = 1;
     return real(args, &ops, sizeof(ops), userdata);
 }
@@ -1008,6 +1137,10 @@ static int served_inline(const struct fuse_buf *buf)
     case WIRE_UNLINK: return h_unlink != NULL;
     case WIRE_FORGET:
     case WIRE_BATCH_FORGET: return h_forget != NULL;
+    case WIRE_OPEN: return h_open != NULL;
+    case WIRE_CREATE: return h_create != NULL;
+    case WIRE_RELEASE: return h_release != NULL;
+    case WIRE_FLUSH: return g_no_flush;
     default: return 0;
     }
 }
@@ -1142,6 +1275,27 @@ static PyObject *m_set_meta_handlers(PyObject *mod, PyObject *args, PyObject *kw
     Py_RETURN_NONE;
 }
 
+static PyObject *m_set_file_handlers(PyObject *mod, PyObject *args, PyObject *kw)
+{
+    static char *kwlist[] = {"open", "create", "release", "direct_io", "keep_cache", "no_flush",
+                             NULL};
+    PyObject *op = Py_None, *cr = Py_None, *rl = Py_None;
+    int dio = 0, kc = 0, nf = 0;
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "|OOOppp:set_file_handlers", kwlist,
+                                     &op, &cr, &rl, &dio, &kc, &nf))
+        return NULL;
+    if (check_callable(op, "open") < 0 || check_callable(cr, "create") < 0
+        || check_callable(rl, "release") < 0)
+        return NULL;
+    put_slot(&h_open, op);
+    put_slot(&h_create, cr);
+    put_slot(&h_release, rl);
+    g_direct_io = dio;
+    g_keep_cache = kc;
+    g_no_flush = nf;
+    Py_RETURN_NONE;
+}
+
 static PyObject *m_set_chain_wait(PyObject *mod, PyObject *arg)
 {
     long us = PyLong_AsLong(arg);
@@ -1209,6 +1363,16 @@ static PyMethodDef module_methods[] = {
      "unlink(parent, name) -> 0 | errno | None; forget([(ino, nlookup), ...]).\n"
      "Called synchronously; None passes the request to pyfuse3's handler; a handler\n"
      "set to None gives its requests back to pyfuse3.  An exception replies EIO."},
+    {"set_file_handlers", (PyCFunction)(void (*)(void))m_set_file_handlers, METH_VARARGS | METH_KEYWORDS,
+     "set_file_handlers(open=None, create=None, release=None, direct_io=False,\n"
+     "                  keep_cache=False, no_flush=False)\n\n"
+     "open(ino, flags, pid) -> fh | -errno | None;\n"
+     "create(parent, name, mode, flags, uid, gid, umask, pid) -> (fh, attributes) |\n"
+     "-errno | None, attributes as set_meta_handlers' lookup returns them;\n"
+     "release(fh) -> 0 | errno | None.  Called synchronously; the file info replied\n"
+     "carries direct_io and keep_cache.  None passes the request to pyfuse3's\n"
+     "handler.  no_flush=True answers FLUSH with ENOSYS, so the kernel stops\n"
+     "sending it (for a filesystem whose flush does nothing)."},
     {"set_chain_wait", m_set_chain_wait, METH_O,
      "set_chain_wait(wait_us)\n\n"
      "After a read or write answered by its handler, wait up to wait_us microseconds\n"

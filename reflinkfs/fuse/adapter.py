@@ -143,6 +143,27 @@ class Operations(pyfuse3.Operations):
             return _errno_of(e, "unlink", (parent, name))
         return 0
 
+    def open_now(self, ino: int, flags: int, pid: int) -> int:
+        try:
+            return self._open(ino, flags, pid)
+        except Exception as e:
+            return -_errno_of(e, "open", (ino, flags))
+
+    def create_now(self, parent: int, name: bytes, mode: int, flags: int, uid: int, gid: int, umask: int,
+                   pid: int):
+        try:
+            fh, a = self._create(parent, name, mode & ~umask, flags, uid, gid, pid)
+        except Exception as e:
+            return -_errno_of(e, "create", (parent, name))
+        return fh, self.stat_tuple(a)
+
+    def release_now(self, fh: int) -> int:
+        try:
+            self._release(fh)
+        except Exception as e:
+            return _errno_of(e, "release", (fh,))
+        return 0
+
     def forget_now(self, inode_list) -> None:
         for ino, nlookup in inode_list:
             try:
@@ -389,18 +410,29 @@ class Operations(pyfuse3.Operations):
     # -- files ---------------------------------------------------------------------------------
     @_translate
     async def open(self, inode, flags, ctx):
-        a = self.vol.getattr(inode)
+        return self._file_info(self._open(inode, flags, ctx.pid))
+
+    def _open(self, ino: int, flags: int, pid: int) -> int:
+        a = self.vol.getattr(ino)
         if stat.S_ISDIR(a.mode):
             raise FsError(errno.EISDIR)
         if flags & os.O_TRUNC and stat.S_ISREG(a.mode):
             # libfuse 3 turns on atomic_o_trunc: the kernel passes O_TRUNC here instead of a setattr
-            self.vol.setattr(inode, size=0)
-        return self._file_info(self._new_handle(inode, flags, ctx.pid))
+            self.vol.setattr(ino, size=0)
+        return self._new_handle(ino, flags, pid)
 
     @_translate
     async def create(self, parent_inode, name, mode, flags, ctx):
-        a = self.vol.create(parent_inode, name, mode & ~ctx.umask, ctx.uid, ctx.gid)
-        return self._file_info(self._new_handle(a.ino, flags, ctx.pid)), self._ref(a)
+        fh, a = self._create(parent_inode, name, mode & ~ctx.umask, flags, ctx.uid, ctx.gid, ctx.pid)
+        return self._file_info(fh), self.entry(a)
+
+    def _create(self, parent: int, name: bytes, mode: int, flags: int, uid: int, gid: int,
+                pid: int) -> tuple[int, Attr]:
+        """Create and open a file; the kernel counts the entry it gets as a lookup (see _ref)."""
+        a = self.vol.create(parent, name, mode, uid, gid)
+        fh = self._new_handle(a.ino, flags, pid)
+        self.vol.looked_up(a.ino)
+        return fh, a
 
     @_translate
     async def read(self, fh, off, size):
@@ -450,10 +482,13 @@ class Operations(pyfuse3.Operations):
         return e.errno == errno.ENOSPC and time.monotonic() <= self._removed_at + FORGET_WINDOW
 
     async def flush(self, fh):
-        pass
+        pass          # nothing to do at close (so mount.py has the kernel stop sending FLUSH)
 
     @_translate
     async def release(self, fh):
+        self._release(fh)
+
+    def _release(self, fh: int) -> None:
         h = self._handles.pop(fh, None)
         if h is not None:
             self.vol.released(h.ino)

@@ -96,9 +96,17 @@ mtime_ns, ctime_ns)`` (``blocks`` in 512-byte units; replied with the timeouts g
 ``set_meta_handlers``), ``unlink(parent, name)`` returns 0, and each returns an errno (an int > 0) to
 fail or None to pass the request on to pyfuse3; ``forget(list of (ino, nlookup))`` has no reply.
 
+:func:`set_file_handlers` does it for opening and closing files: ``open(ino, flags, pid)`` returns
+the new file handle or ``-errno``, ``create(parent, name, mode, flags, uid, gid, umask, pid)``
+returns ``(fh, attributes)`` (attributes as lookup returns them) or ``-errno``, and
+``release(fh)`` returns 0 or an errno; None passes the request on.  The file info replied carries
+the ``direct_io`` and ``keep_cache`` given to ``set_file_handlers``.  With ``no_flush=True`` a
+FLUSH is answered ENOSYS, which tells the kernel that close() has nothing to wait for here: it sends
+no FLUSH again on that mount (for a filesystem whose flush does nothing).
+
 Chains: pyfuse3's loop takes every request through trio (a lock, ``wait_readable``, a task
 switch), which costs more than a cached read itself.  After a request a handler answered (a read, a
-write, or one of the metadata requests above), the C side waits up to :func:`set_chain_wait`
+write, or one of the metadata and file requests above), the C side waits up to :func:`set_chain_wait`
 microseconds (default 100) for the next request and processes it at once; it goes on while the
 requests are such requests.  The first other request (or one a handler passes on to pyfuse3) ends
 the chain and is processed the usual way: pyfuse3's loop awaits its
@@ -123,6 +131,8 @@ __all__ = [
     "set_handlers",
     "set_read_handler",
     "set_write_handler",
+    "set_meta_handlers",
+    "set_file_handlers",
     "set_chain_wait",
     "interposed",
     "counts",
@@ -288,6 +298,14 @@ def set_meta_handlers(lookup=None, getattr=None, unlink=None, forget=None,
     left None gives its requests back to pyfuse3."""
     _require().set_meta_handlers(lookup=lookup, getattr=getattr, unlink=unlink, forget=forget,
                                  entry_timeout=entry_timeout, attr_timeout=attr_timeout)
+
+
+def set_file_handlers(open=None, create=None, release=None, direct_io: bool = False,
+                      keep_cache: bool = False, no_flush: bool = False) -> None:
+    """Serve open, create and release synchronously, and with no_flush answer FLUSH with ENOSYS (see
+    "Reads and writes" above); a handler left None gives its requests back to pyfuse3."""
+    _require().set_file_handlers(open=open, create=create, release=release, direct_io=direct_io,
+                                 keep_cache=keep_cache, no_flush=no_flush)
 
 
 def set_chain_wait(wait_us: int) -> None:

@@ -75,6 +75,9 @@ def run(opts: MountOptions, ready=None) -> int:
                 extops.set_meta_handlers(lookup=ops.lookup_now, getattr=ops.getattr_now, unlink=ops.unlink_now,
                                          forget=ops.forget_now, entry_timeout=ENTRY_TIMEOUT,
                                          attr_timeout=ATTR_TIMEOUT)
+                # ops.flush does nothing: no_flush spares every close() a FLUSH round trip
+                extops.set_file_handlers(open=ops.open_now, create=ops.create_now, release=ops.release_now,
+                                         direct_io=ops.direct_io, keep_cache=False, no_flush=True)
             else:
                 warning = ("warning: copy_file_range is not handled by this mount ("
                            f"{getattr(ext_ok, 'reason', None) or 'the interposition did not take effect'}); "

@@ -23,6 +23,13 @@ extops.set_meta_handlers (timeouts 0, so every stat reaches them), which answer
 with fixed atime/mtime; "pass" is passed on to pyfuse3's lookup, the getattr of
 "dst" to pyfuse3's getattr; lookup of "bad" returns a malformed result, unlink
 of "dst" answers EPERM and of "drop" raises.
+MODE "files": open, create and release go to handlers registered with
+extops.set_file_handlers (no_flush=True: the first FLUSH is answered ENOSYS,
+and no FLUSH may reach pyfuse3's flush after it). open_now hands out file
+handles from 100 on; the open of "dst" is passed on to pyfuse3's open, whose
+handle (the inode) release_now passes on to pyfuse3's release too; the open
+of "drop" raises. create_now makes the file, except "eperm" (-EPERM), "bad"
+(a malformed result) and "passc" (passed on to pyfuse3's create).
 
 Every handler call and every write is appended to LOGFILE as a JSON line.
 """
@@ -68,6 +75,7 @@ class ToyFS(pyfuse3.Operations):
         self.data = {2: bytearray(SRC_DATA), 3: bytearray(), 4: bytearray()}
         self.next_ino = 5
         self.direct_io = False
+        self.fhs = {}            # "files": the handles open_now/create_now gave out -> inode
 
     def attr(self, ino):
         a = pyfuse3.EntryAttributes()
@@ -142,6 +150,40 @@ class ToyFS(pyfuse3.Operations):
     def forget_now(self, inodes):
         self.log(event="forget_now", inodes=inodes)
 
+    # "files" mode: open, create and release, synchronously
+    def _handle(self, ino):
+        fh = 100 + len(self.fhs)
+        self.fhs[fh] = ino
+        return fh
+
+    def open_now(self, ino, flags, pid):
+        self.log(event="open_now", ino=ino, flags=flags, pid=pid)
+        if ino == 3:
+            return None
+        if ino == 4:
+            raise ValueError("open handler failure (expected by the test)")
+        if ino not in self.data:
+            return -errno.ENOENT
+        return self._handle(ino)
+
+    def create_now(self, parent, name, mode, flags, uid, gid, umask, pid):
+        self.log(event="create_now", name=name.decode(), mode=mode, flags=flags, uid=uid, gid=gid,
+                 umask=umask, pid=pid)
+        if name == b"eperm":
+            return -errno.EPERM
+        if name == b"bad":
+            return ("not", "a handle")
+        if name == b"passc":
+            return None
+        ino = self.names[name] = self.next_ino
+        self.next_ino += 1
+        self.data[ino] = bytearray()
+        return self._handle(ino), self.stat_tuple(ino)
+
+    def release_now(self, fh):
+        self.log(event="release_now", fh=fh)
+        return None if fh < 100 else 0
+
     async def setattr(self, ino, attr, fields, fh, ctx):
         if fields.update_size:
             d = self.data[ino]
@@ -152,11 +194,13 @@ class ToyFS(pyfuse3.Operations):
         return self.attr(ino)
 
     async def open(self, ino, flags, ctx):
+        self.log(event="open", ino=ino)
         if ino not in self.data:
             raise pyfuse3.FUSEError(errno.ENOENT)
         return pyfuse3.FileInfo(fh=ino, direct_io=self.direct_io)
 
     async def create(self, parent, name, mode, flags, ctx):
+        self.log(event="create", name=name.decode())
         if parent != ROOT:
             raise pyfuse3.FUSEError(errno.EACCES)
         ino = self.names.get(name)
@@ -167,9 +211,10 @@ class ToyFS(pyfuse3.Operations):
         return pyfuse3.FileInfo(fh=ino), self.attr(ino)
 
     async def read(self, fh, off, size):
-        return bytes(self.data[fh][off:off + size])
+        return bytes(self.data[self.fhs.get(fh, fh)][off:off + size])
 
     async def write(self, fh, off, buf):
+        fh = self.fhs.get(fh, fh)
         d = self.data[fh]
         if len(d) < off:
             d.extend(bytes(off - len(d)))
@@ -178,10 +223,10 @@ class ToyFS(pyfuse3.Operations):
         return len(buf)
 
     async def flush(self, fh):
-        pass
+        self.log(event="flush", fh=fh)
 
     async def release(self, fh):
-        pass
+        self.log(event="release", fh=fh)
 
     async def opendir(self, ino, ctx):
         if ino != ROOT:
@@ -304,6 +349,9 @@ def main():
     elif mode == "meta":
         extops.set_meta_handlers(lookup=fs.lookup_now, getattr=fs.getattr_now, unlink=fs.unlink_now,
                                  forget=fs.forget_now, entry_timeout=0, attr_timeout=0)
+    elif mode == "files":
+        extops.set_file_handlers(open=fs.open_now, create=fs.create_now, release=fs.release_now,
+                                 direct_io=True, no_flush=True)
     elif mode == "writev":
         fs.direct_io = True
         extops.set_write_handler(fs.write_now)

@@ -424,6 +424,56 @@ def test_meta_handlers_answer_lookup_getattr_unlink_and_forget(tmp_path):
     assert "unlink handler failure" in exit_rec["last_exception"]
 
 
+def test_file_handlers_answer_open_create_and_release_and_flush_stops(tmp_path):
+    old_umask = os.umask(0o027)
+    try:
+        with toy_mount(tmp_path, "files") as m:
+            for _ in range(3):                                  # opened by open_now, read by pyfuse3
+                with open(m.path("src"), "rb") as f:
+                    assert f.read() == SRC_DATA
+            with open(m.path("dst"), "rb") as f:                # open passed on to pyfuse3
+                assert f.read() == b""
+            with pytest.raises(OSError) as ei:
+                open(m.path("drop"), "rb")
+            assert ei.value.errno == errno.EIO
+            fd = os.open(m.path("new"), os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666)
+            assert os.write(fd, b"abc") == 3
+            os.close(fd)
+            st = os.stat(m.path("new"))
+            assert stat.S_ISREG(st.st_mode) and st.st_size == 3
+            with pytest.raises(PermissionError):
+                os.open(m.path("eperm"), os.O_CREAT | os.O_WRONLY, 0o644)
+            with pytest.raises(OSError) as ei:
+                os.open(m.path("bad"), os.O_CREAT | os.O_WRONLY, 0o644)
+            assert ei.value.errno == errno.EIO
+            os.close(os.open(m.path("passc"), os.O_CREAT | os.O_WRONLY, 0o644))   # pyfuse3's create
+            deadline = time.monotonic() + 10                    # RELEASE is sent after close() returns
+            while len(m.records("release_now")) < 6:
+                assert time.monotonic() < deadline, m.records("release_now")
+                time.sleep(0.05)
+    finally:
+        os.umask(old_umask)
+    opened = m.records("open_now")
+    assert [r["ino"] for r in opened] == [2, 2, 2, 3, 4]
+    assert all(r["pid"] == os.getpid() and r["flags"] & os.O_ACCMODE == os.O_RDONLY for r in opened)
+    assert [r["ino"] for r in m.records("open")] == [3]
+    assert [r["name"] for r in m.records("create")] == ["passc"]
+    created = {r["name"]: r for r in m.records("create_now")}
+    assert set(created) == {"new", "eperm", "bad", "passc"}
+    new = created["new"]
+    assert (new["uid"], new["gid"], new["pid"]) == (os.getuid(), os.getgid(), os.getpid())
+    assert new["umask"] == 0o027 and stat.S_ISREG(new["mode"]) and new["flags"] & os.O_EXCL
+    # every handle open_now and create_now gave out came back exactly once; pyfuse3's went to pyfuse3
+    passc = 6                                                   # pyfuse3's create: fh = inode
+    assert sorted(r["fh"] for r in m.records("release_now")) == [3, passc, 100, 101, 102, 103]
+    assert sorted(r["fh"] for r in m.records("release")) == [3, passc]
+    assert m.records("flush") == []                             # ENOSYS once, then never sent
+    (exit_rec,) = m.records("exit")
+    c = exit_rec["counts"]
+    assert c["meta_passed"] == 4 and c["default_replies"] == 2   # passed: 2 opens/creates, 2 releases
+    assert "create handler returned" in exit_rec["last_exception"]
+
+
 LOAD_AFTER_PYFUSE3 = textwrap.dedent("""
     import pyfuse3
     from reflinkfs.fuse import extops
