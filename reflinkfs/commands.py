@@ -330,7 +330,8 @@ def cmd_status(args) -> int:
             print(f"  {k}: {c[k]}")
     d = st["data_file"]
     print(f"data file: read {d['bytes_read']} bytes, written {d['bytes_written']} bytes, "
-          f"O_DIRECT {'on' if d['direct_io'] else 'off (pages dropped with fadvise)'}")
+          f"O_DIRECT {'on' if d['direct_io'] else 'off (pages dropped with fadvise)'}, "
+          f"RWF_DONTCACHE {'on' if d.get('dontcache') else 'off'}")
     print(f"clones: {st.get('clones', 0)} ({st.get('cloned_bytes', 0)} bytes); copy_file_range handled: "
           f"{'yes' if st.get('copy_file_range_handled') else 'NO'}")
     return 0

@@ -193,3 +193,36 @@ def test_a_sync_does_not_wait_for_writes_queued_after_it_began(df):
     release[1].set()
     df.sync()
     assert not df.unsynced and on_disk(df, 0, 2) == blocks(1, 2)
+
+
+def test_writes_fall_back_to_plain_pwrite_where_the_kernel_refuses_rwf_dontcache(df, monkeypatch):
+    real, flags_seen = os.pwritev, []
+
+    def pwritev(fd, bufs, pos, flags=0):
+        flags_seen.append(flags)
+        if flags & datafile.RWF_DONTCACHE:
+            raise OSError(errno.EOPNOTSUPP, os.strerror(errno.EOPNOTSUPP))
+        return real(fd, bufs, pos, flags)
+
+    monkeypatch.setattr(datafile.os, "pwritev", pwritev)
+    df.write(0, blocks(1, 2))
+    df.write(5, blocks(3))
+    df.sync()
+    assert on_disk(df, 0, 2) == blocks(1, 2) and on_disk(df, 5, 1) == blocks(3)
+    assert flags_seen == [datafile.RWF_DONTCACHE]          # asked once, then plain writes only
+    assert df.stats().dontcache is False
+
+
+def test_writes_use_rwf_dontcache_where_the_kernel_has_it_and_read_back_intact(df):
+    probe = os.open(df.path, os.O_RDWR)
+    try:
+        os.pwritev(probe, [bytes(BS)], 63 * BS, datafile.RWF_DONTCACHE)
+        supported = True
+    except OSError as e:
+        supported = e.errno not in (errno.EOPNOTSUPP, errno.EINVAL)
+    finally:
+        os.close(probe)
+    df.write(0, blocks(7, 8, 9))
+    df.sync()
+    assert on_disk(df, 0, 3) == blocks(7, 8, 9) and df.read(0, 3) == blocks(7, 8, 9)
+    assert df.stats().dontcache is supported
