@@ -181,17 +181,22 @@ class Operations(pyfuse3.Operations):
             await trio.sleep(0.001)
 
     async def commit(self) -> None:
-        """Commit, with the slow parts in threads: the data file's fdatasync (reads, lookups and the rest go
-        on meanwhile; writes wait for it, so that the commit after it has nothing left to sync), and after
-        the COMMIT, the WAL's fdatasync (everything goes on; see Volume.commit)."""
+        """Commit, with the slow parts in threads: the data file's fdatasync, and after the COMMIT, the
+        WAL's fdatasync (everything goes on meanwhile; see Volume.commit). The data is synced twice: first
+        with every request going on, writes too, which takes most of the data to the disk; then with
+        writes waiting, so that what the COMMIT refers to is on the disk and the loop's own sync in
+        Volume.commit has nothing left to do. Writes wait only for that second sync, of what they wrote
+        during the first."""
         async with self._commit_lock:
             if self.vol.dirty:
-                self._syncing = trio.Event()
-                try:
-                    await trio.to_thread.run_sync(self.vol.sync_data)
-                finally:
-                    done, self._syncing = self._syncing, None
-                    done.set()
+                await trio.to_thread.run_sync(self.vol.sync_data)
+                if self.vol.data.unsynced:
+                    self._syncing = trio.Event()
+                    try:
+                        await trio.to_thread.run_sync(self.vol.sync_data)
+                    finally:
+                        done, self._syncing = self._syncing, None
+                        done.set()
             barrier = self.vol.commit(wait=False)      # or the last commit's, if it is not durable yet
         if barrier is not None:
             await trio.to_thread.run_sync(self.vol.data.wait_for, barrier)
