@@ -874,19 +874,28 @@ static void op_getattr(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi
     meta_end(&c, res);
 }
 
+/* Reply a handler's 0-or-errno result (unlink, release); 1 if it was None,
+ * which the caller passes on to pyfuse3. */
+static int reply_status(fuse_req_t req, PyObject *res, const char *op)
+{
+    if (res == Py_None)
+        return 1;
+    int e = result_errno(res, 1);
+    if (e >= 0)
+        fuse_reply_err(req, e);
+    else
+        reply_bad(req, op, res);
+    return 0;
+}
+
 static void op_unlink(fuse_req_t req, fuse_ino_t parent, const char *name)
 {
     meta_call c;
     meta_begin(&c);
     PyObject *res = meta_call_handler(h_unlink, "(Ky#)", (unsigned long long)parent, name,
                                       (Py_ssize_t)strlen(name));
-    int e = result_errno(res, 1);
-    if (res == Py_None)
+    if (reply_status(req, res, "unlink"))
         PASS_ON(orig_unlink, req, parent, name);
-    else if (e >= 0)
-        fuse_reply_err(req, e);
-    else
-        reply_bad(req, "unlink", res);
     meta_end(&c, res);
 }
 
@@ -1018,13 +1027,8 @@ static void op_release(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi
     meta_call c;
     meta_begin(&c);
     PyObject *res = meta_call_handler(h_release, "(K)", (unsigned long long)fi->fh);
-    int e = result_errno(res, 1);
-    if (res == Py_None)
+    if (reply_status(req, res, "release"))
         PASS_ON(orig_release, req, ino, fi);
-    else if (e >= 0)
-        fuse_reply_err(req, e);
-    else
-        reply_bad(req, "release", res);
     meta_end(&c, res);
 }
 
@@ -1060,32 +1064,24 @@ fuse_session_new(struct fuse_args *args, const struct fuse_lowlevel_ops *op,
     memcpy(&ops, op, op_size < sizeof(ops) ? op_size : sizeof(ops));
     ops.copy_file_range = op_copy_file_range;
     ops.fallocate = op_fallocate;
-    orig_read = ops.read;
-    ops.read = op_read;
-    orig_write = ops.write;
-    ops.write = op_write;
+    /* Route a request to op_<name>, keeping pyfuse3's handler as orig_<name>. */
+#define ROUTE(name) (orig_##name = ops.name, ops.name = op_##name)
+    ROUTE(read);
+    ROUTE(write);
     /* libfuse prefers write_buf (pyfuse3 sets it, and it makes libfuse splice
      * big writes into a pipe); without it every write comes to op_write, in
      * memory.  pyfuse3's plain write handler serves whatever op_write passes on. */
     ops.write_buf = NULL;
-    orig_lookup = ops.lookup;
-    ops.lookup = op_lookup;
-    orig_getattr = ops.getattr;
-    ops.getattr = op_getattr;
-    orig_unlink = ops.unlink;
-    ops.unlink = op_unlink;
-    orig_forget = ops.forget;
-    ops.forget = op_forget;
-    orig_forget_multi = ops.forget_multi;
-    ops.forget_multi = op_forget_multi;
-    orig_open = ops.open;
-    ops.open = op_open;
-    orig_create = ops.create;
-    ops.create = op_create;
-    orig_flush = ops.flush;
-    ops.flush = op_flush;
-    orig_release = ops.release;
-    ops.release = op_release;
+    ROUTE(lookup);
+    ROUTE(getattr);
+    ROUTE(unlink);
+    ROUTE(forget);
+    ROUTE(forget_multi);
+    ROUTE(open);
+    ROUTE(create);
+    ROUTE(flush);
+    ROUTE(release);
+#undef ROUTE
     g_interposed = 1;
     return real(args, &ops, sizeof(ops), userdata);
 }
