@@ -110,6 +110,9 @@ struct wire_in_header {
 #define WIRE_RELEASE 18
 #define WIRE_FLUSH 25
 #define WIRE_CREATE 35
+#define WIRE_OPENDIR 27
+#define WIRE_RELEASEDIR 29
+#define WIRE_READDIRPLUS 44
 #define WIRE_READ 15
 #define WIRE_WRITE 16
 /* The largest count one reply may carry: the older request's reply has 32
@@ -133,6 +136,11 @@ static PyObject *h_create = NULL;          /* create(parent, name, mode, flags, 
 static PyObject *h_release = NULL;         /* release(fh) -> 0 | errno | None */
 static int g_direct_io = 0, g_keep_cache = 0;   /* for the replies of h_open / h_create */
 static int g_no_flush = 0;                 /* FLUSH is answered ENOSYS: the kernel sends no more */
+static PyObject *h_opendir = NULL;         /* opendir(ino) -> fh | -errno | None */
+static PyObject *h_readdir = NULL;         /* readdir(fh, off, size) -> [(name, attributes, next_off)]
+                                              | errno | None */
+static PyObject *h_releasedir = NULL;      /* releasedir(fh) -> 0 | errno | None */
+static PyObject *h_looked_up = NULL;       /* looked_up(ino): an entry readdirplus replied */
 static int g_passed = 0;                   /* the last request went to pyfuse3's handler after all */
 static PyObject *last_exc = NULL;          /* last exception raised by a handler */
 
@@ -168,6 +176,8 @@ typedef void (*file_fn)(fuse_req_t, fuse_ino_t, struct fuse_file_info *);
 static file_fn orig_open = NULL, orig_flush = NULL, orig_release = NULL;
 typedef void (*create_fn)(fuse_req_t, fuse_ino_t, const char *, mode_t, struct fuse_file_info *);
 static create_fn orig_create = NULL;
+static file_fn orig_opendir = NULL, orig_releasedir = NULL;
+static read_fn orig_readdirplus = NULL;
 
 /* Sessions created through us, and a generation counter bumped whenever one
  * of them is destroyed.  A Request records the generation it was created in;
@@ -970,6 +980,28 @@ static void set_file_info(struct fuse_file_info *fi, long long fh)
     fi->nonseekable = 0;
 }
 
+/* Reply an open's or opendir's result, an fh or -errno (a file's reply also
+ * carries direct_io and keep_cache); 1 if it was None, which the caller
+ * passes on to pyfuse3. */
+static int reply_opened(fuse_req_t req, PyObject *res, struct fuse_file_info *fi, int file)
+{
+    long long v;
+    if (res == Py_None)
+        return 1;
+    if (result_fh(res, &v) < 0) {
+        reply_bad(req, file ? "open" : "opendir", res);
+    } else if (v < 0) {
+        fuse_reply_err(req, (int)-v);
+    } else {
+        if (file)
+            set_file_info(fi, v);
+        else
+            fi->fh = (uint64_t)v;
+        fuse_reply_open(req, fi);
+    }
+    return 0;
+}
+
 static void op_open(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi)
 {
     meta_call c;
@@ -977,17 +1009,8 @@ static void op_open(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi)
     const struct fuse_ctx *ctx = fuse_req_ctx(req);
     PyObject *res = meta_call_handler(h_open, "(KiK)", (unsigned long long)ino, fi->flags,
                                       (unsigned long long)ctx->pid);
-    long long v;
-    if (res == Py_None) {
+    if (reply_opened(req, res, fi, 1))
         PASS_ON(orig_open, req, ino, fi);
-    } else if (result_fh(res, &v) < 0) {
-        reply_bad(req, "open", res);
-    } else if (v < 0) {
-        fuse_reply_err(req, (int)-v);
-    } else {
-        set_file_info(fi, v);
-        fuse_reply_open(req, fi);
-    }
     meta_end(&c, res);
 }
 
@@ -1042,6 +1065,107 @@ static void op_flush(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi)
     }
 }
 
+/* ---- opendir, readdirplus, releasedir ------------------------------------ */
+
+/* Once set_dir_handlers() registers them, listing a directory is answered
+ * inline too.  opendir and releasedir answer as open and release do (without
+ * the file flags).  readdir(fh, off, size) returns the entries from `off` on,
+ * as many as may fit in `size` bytes: tuples (name, attributes, next_off),
+ * attributes as lookup returns them; C packs as many as fit, and then calls
+ * looked_up(ino) for each entry packed but "." and "..", since the kernel
+ * counts the others as lookups (it sends FORGET for them later). */
+
+static int is_dot(const char *name)
+{
+    return name[0] == '.' && (name[1] == '\0' || (name[1] == '.' && name[2] == '\0'));
+}
+
+/* Pack the entries of `list` that fit in size bytes and reply them; -1 (and
+ * nothing counted or replied) if an entry is malformed. */
+static int reply_dir(fuse_req_t req, PyObject *list, size_t size)
+{
+    Py_ssize_t n = PyList_GET_SIZE(list), packed = 0;
+    char *buf = PyMem_Malloc(size ? size : 1);
+    if (buf == NULL) {
+        PyErr_NoMemory();
+        return -1;
+    }
+    size_t used = 0;
+    for (; packed < n; packed++) {
+        PyObject *t = PyList_GET_ITEM(list, packed), *attrs;
+        const char *name;
+        long long next;
+        struct fuse_entry_param ep;
+        memset(&ep, 0, sizeof(ep));
+        if (!PyTuple_Check(t) || !PyArg_ParseTuple(t, "yOL", &name, &attrs, &next)
+            || fill_stat(attrs, &ep.attr) < 0) {
+            PyMem_Free(buf);
+            return -1;
+        }
+        ep.ino = ep.attr.st_ino;
+        ep.attr_timeout = g_attr_timeout;
+        ep.entry_timeout = g_entry_timeout;
+        size_t need = fuse_add_direntry_plus(req, NULL, 0, name, &ep, (off_t)next);
+        if (used + need > size)
+            break;
+        fuse_add_direntry_plus(req, buf + used, size - used, name, &ep, (off_t)next);
+        used += need;
+    }
+    for (Py_ssize_t i = 0; h_looked_up != NULL && i < packed; i++) {
+        PyObject *t = PyList_GET_ITEM(list, i);
+        if (is_dot(PyBytes_AS_STRING(PyTuple_GET_ITEM(t, 0))))
+            continue;
+        PyObject *ino = PyTuple_GET_ITEM(PyTuple_GET_ITEM(t, 1), 0);
+        PyObject *r = PyObject_CallOneArg(h_looked_up, ino);
+        if (r == NULL)
+            keep_exception();       /* the entry is replied all the same */
+        Py_XDECREF(r);
+    }
+    fuse_reply_buf(req, buf, used);
+    PyMem_Free(buf);
+    return 0;
+}
+
+static void op_opendir(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi)
+{
+    meta_call c;
+    meta_begin(&c);
+    PyObject *res = meta_call_handler(h_opendir, "(K)", (unsigned long long)ino);
+    if (reply_opened(req, res, fi, 0))
+        PASS_ON(orig_opendir, req, ino, fi);
+    meta_end(&c, res);
+}
+
+static void op_readdirplus(fuse_req_t req, fuse_ino_t ino, size_t size, off_t off,
+                           struct fuse_file_info *fi)
+{
+    meta_call c;
+    meta_begin(&c);
+    PyObject *res = meta_call_handler(h_readdir, "(KLK)", (unsigned long long)fi->fh,
+                                      (long long)off, (unsigned long long)size);
+    int e;
+    if (res == Py_None)
+        PASS_ON(orig_readdirplus, req, ino, size, off, fi);
+    else if (res != NULL && PyList_Check(res)) {
+        if (reply_dir(req, res, size) < 0)
+            reply_bad(req, "readdir", res);
+    } else if ((e = result_errno(res, 0)) > 0)
+        fuse_reply_err(req, e);
+    else
+        reply_bad(req, "readdir", res);
+    meta_end(&c, res);
+}
+
+static void op_releasedir(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi)
+{
+    meta_call c;
+    meta_begin(&c);
+    PyObject *res = meta_call_handler(h_releasedir, "(K)", (unsigned long long)fi->fh);
+    if (reply_status(req, res, "releasedir"))
+        PASS_ON(orig_releasedir, req, ino, fi);
+    meta_end(&c, res);
+}
+
 /* ---- the interposed libfuse entry points ------------------------------- */
 
 EXPORT struct fuse_session *
@@ -1081,6 +1205,9 @@ fuse_session_new(struct fuse_args *args, const struct fuse_lowlevel_ops *op,
     ROUTE(create);
     ROUTE(flush);
     ROUTE(release);
+    ROUTE(opendir);
+    ROUTE(readdirplus);
+    ROUTE(releasedir);
 #undef ROUTE
     g_interposed = 1;
     return real(args, &ops, sizeof(ops), userdata);
@@ -1137,6 +1264,9 @@ static int served_inline(const struct fuse_buf *buf)
     case WIRE_CREATE: return h_create != NULL;
     case WIRE_RELEASE: return h_release != NULL;
     case WIRE_FLUSH: return g_no_flush;
+    case WIRE_OPENDIR: return h_opendir != NULL;
+    case WIRE_READDIRPLUS: return h_readdir != NULL;
+    case WIRE_RELEASEDIR: return h_releasedir != NULL;
     default: return 0;
     }
 }
@@ -1292,6 +1422,26 @@ static PyObject *m_set_file_handlers(PyObject *mod, PyObject *args, PyObject *kw
     Py_RETURN_NONE;
 }
 
+static PyObject *m_set_dir_handlers(PyObject *mod, PyObject *args, PyObject *kw)
+{
+    static char *kwlist[] = {"opendir", "readdir", "releasedir", "looked_up", NULL};
+    PyObject *od = Py_None, *rd = Py_None, *rl = Py_None, *lu = Py_None;
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "|OOOO:set_dir_handlers", kwlist, &od, &rd, &rl, &lu))
+        return NULL;
+    if (check_callable(od, "opendir") < 0 || check_callable(rd, "readdir") < 0
+        || check_callable(rl, "releasedir") < 0 || check_callable(lu, "looked_up") < 0)
+        return NULL;
+    if (rd != Py_None && lu == Py_None) {
+        PyErr_SetString(PyExc_ValueError, "a readdir handler needs looked_up");
+        return NULL;
+    }
+    put_slot(&h_opendir, od);
+    put_slot(&h_readdir, rd);
+    put_slot(&h_releasedir, rl);
+    put_slot(&h_looked_up, lu);
+    Py_RETURN_NONE;
+}
+
 static PyObject *m_set_chain_wait(PyObject *mod, PyObject *arg)
 {
     long us = PyLong_AsLong(arg);
@@ -1369,6 +1519,15 @@ static PyMethodDef module_methods[] = {
      "carries direct_io and keep_cache.  None passes the request to pyfuse3's\n"
      "handler.  no_flush=True answers FLUSH with ENOSYS, so the kernel stops\n"
      "sending it (for a filesystem whose flush does nothing)."},
+    {"set_dir_handlers", (PyCFunction)(void (*)(void))m_set_dir_handlers, METH_VARARGS | METH_KEYWORDS,
+     "set_dir_handlers(opendir=None, readdir=None, releasedir=None, looked_up=None)\n\n"
+     "opendir(ino) -> fh | -errno | None; releasedir(fh) -> 0 | errno | None;\n"
+     "readdir(fh, off, size) -> [(name, attributes, next_off), ...] | errno | None,\n"
+     "the entries from off on (as many as may fit in size bytes), attributes as\n"
+     "set_meta_handlers' lookup returns them, answering READDIRPLUS: the entries\n"
+     "that fit are replied, and looked_up(ino) is called for each but . and ..\n"
+     "(the kernel counts them as lookups).  Called synchronously; None passes the\n"
+     "request to pyfuse3's handler."},
     {"set_chain_wait", m_set_chain_wait, METH_O,
      "set_chain_wait(wait_us)\n\n"
      "After a read or write answered by its handler, wait up to wait_us microseconds\n"

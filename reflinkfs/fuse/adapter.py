@@ -37,6 +37,7 @@ ENTRY_TIMEOUT = 1.0
 ATTR_TIMEOUT = 1.0
 FORGET_WINDOW = 1.0     # seconds after a removal during which statfs/ENOSPC wait for the kernel's forgets
 FORGET_WAIT = 0.05      # ... and for at most this long
+DIRENTPLUS_MIN = 160    # bytes a readdirplus entry takes at least (its entry and dirent headers, a name)
 
 # Virtual extended attributes: how tools and the `reflinkfs` commands see inside a mount. They are not
 # listed by listxattr (so `cp -a`/`tar --xattrs` never try to copy them) and cannot be set or removed,
@@ -293,9 +294,12 @@ class Operations(pyfuse3.Operations):
 
     @_translate
     async def opendir(self, inode, ctx):
-        self.vol.getattr(inode)
-        self.vol.opened(inode)     # a removed directory that is still open keeps its inode (fstat works)
-        return inode
+        return self._opendir(inode)
+
+    def _opendir(self, ino: int) -> int:
+        self.vol.getattr(ino)
+        self.vol.opened(ino)       # a removed directory that is still open keeps its inode (fstat works)
+        return ino
 
     @_translate
     async def readdir(self, fh, start_id, token):
@@ -316,6 +320,34 @@ class Operations(pyfuse3.Operations):
                     return
                 self.vol.looked_up(a.ino)     # readdirplus: the kernel counts this entry as a lookup
                 after = dirent_id
+
+    def readdir_now(self, fh: int, start_id: int, size: int):
+        """readdir for extops (set_dir_handlers): the entries from start_id on (offsets as `readdir` gives
+        them), as many as may fit in size bytes; extops counts the lookups of those it replies."""
+        try:
+            out = []
+            if start_id < 1:
+                out.append((b".", self.stat_tuple(self.vol.getattr(fh)), 1))
+            if start_id < 2:
+                out.append((b"..", self.stat_tuple(self.vol.lookup(fh, b"..")), 2))
+            rows = self.vol.readdir(fh, max(0, start_id - 2), limit=size // DIRENTPLUS_MIN + 1)
+            out.extend((name, self.stat_tuple(a), dirent_id + 2) for dirent_id, name, a in rows)
+            return out
+        except Exception as e:
+            return _errno_of(e, "readdir", (fh, start_id))
+
+    def opendir_now(self, ino: int) -> int:
+        try:
+            return self._opendir(ino)
+        except Exception as e:
+            return -_errno_of(e, "opendir", (ino,))
+
+    def releasedir_now(self, fh: int) -> int:
+        try:
+            self.vol.released(fh)
+        except Exception as e:
+            return _errno_of(e, "releasedir", (fh,))
+        return 0
 
     @_translate
     async def releasedir(self, fh):

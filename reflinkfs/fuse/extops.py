@@ -104,9 +104,15 @@ the ``direct_io`` and ``keep_cache`` given to ``set_file_handlers``.  With ``no_
 FLUSH is answered ENOSYS, which tells the kernel that close() has nothing to wait for here: it sends
 no FLUSH again on that mount (for a filesystem whose flush does nothing).
 
+:func:`set_dir_handlers` does it for listing directories: ``opendir(ino)`` and ``releasedir(fh)``
+answer as open and release do, and ``readdir(fh, off, size)`` returns the entries from ``off`` on,
+as many as may fit in ``size`` bytes, as a list of ``(name, attributes, next_off)`` (or an errno, or
+None); the C side replies READDIRPLUS with those that fit and calls ``looked_up(ino)`` for each of them
+but "." and "..", which the kernel counts as lookups.
+
 Chains: pyfuse3's loop takes every request through trio (a lock, ``wait_readable``, a task
 switch), which costs more than a cached read itself.  After a request a handler answered (a read, a
-write, or one of the metadata and file requests above), the C side waits up to :func:`set_chain_wait`
+write, or one of the metadata, file and directory requests above), the C side waits up to :func:`set_chain_wait`
 microseconds (default 100) for the next request and processes it at once; it goes on while the
 requests are such requests.  The first other request (or one a handler passes on to pyfuse3) ends
 the chain and is processed the usual way: pyfuse3's loop awaits its
@@ -133,6 +139,7 @@ __all__ = [
     "set_write_handler",
     "set_meta_handlers",
     "set_file_handlers",
+    "set_dir_handlers",
     "set_chain_wait",
     "interposed",
     "counts",
@@ -306,6 +313,12 @@ def set_file_handlers(open=None, create=None, release=None, direct_io: bool = Fa
     "Reads and writes" above); a handler left None gives its requests back to pyfuse3."""
     _require().set_file_handlers(open=open, create=create, release=release, direct_io=direct_io,
                                  keep_cache=keep_cache, no_flush=no_flush)
+
+
+def set_dir_handlers(opendir=None, readdir=None, releasedir=None, looked_up=None) -> None:
+    """Serve opendir, readdirplus and releasedir synchronously (see "Reads and writes" above); a handler
+    left None gives its requests back to pyfuse3. A readdir handler needs looked_up."""
+    _require().set_dir_handlers(opendir=opendir, readdir=readdir, releasedir=releasedir, looked_up=looked_up)
 
 
 def set_chain_wait(wait_us: int) -> None:

@@ -30,6 +30,10 @@ handles from 100 on; the open of "dst" is passed on to pyfuse3's open, whose
 handle (the inode) release_now passes on to pyfuse3's release too; the open
 of "drop" raises. create_now makes the file, except "eperm" (-EPERM), "bad"
 (a malformed result) and "passc" (passed on to pyfuse3's create).
+MODE "dirs": 400 more files (n000..n399), and opendir, readdirplus and
+releasedir go to handlers registered with extops.set_dir_handlers: opendir_now
+answers fh 7 for the root, readdir_now returns ".", ".." and the names from the
+offset on, as many as may fit, and looked_up logs every entry extops counts.
 
 Every handler call and every write is appended to LOGFILE as a JSON line.
 """
@@ -179,6 +183,24 @@ class ToyFS(pyfuse3.Operations):
         self.next_ino += 1
         self.data[ino] = bytearray()
         return self._handle(ino), self.stat_tuple(ino)
+
+    # "dirs" mode: opendir, readdirplus and releasedir, synchronously
+    def opendir_now(self, ino):
+        self.log(event="opendir_now", ino=ino)
+        return 7 if ino == ROOT else -errno.ENOTDIR
+
+    def readdir_now(self, fh, off, size):
+        self.log(event="readdir_now", fh=fh, off=off, size=size)
+        entries = [(b".", ROOT), (b"..", ROOT)] + sorted(self.names.items())
+        return [(name, self.stat_tuple(ino), i + 1) for i, (name, ino) in enumerate(entries)
+                if i >= off][:size // 160 + 1]
+
+    def releasedir_now(self, fh):
+        self.log(event="releasedir_now", fh=fh)
+        return 0
+
+    def looked_up(self, ino):
+        self.log(event="looked_up", ino=ino)
 
     def release_now(self, fh):
         self.log(event="release_now", fh=fh)
@@ -352,6 +374,13 @@ def main():
     elif mode == "files":
         extops.set_file_handlers(open=fs.open_now, create=fs.create_now, release=fs.release_now,
                                  direct_io=True, no_flush=True)
+    elif mode == "dirs":
+        for i in range(400):
+            ino = fs.names[b"n%03d" % i] = fs.next_ino
+            fs.next_ino += 1
+            fs.data[ino] = bytearray(b"x" * i)
+        extops.set_dir_handlers(opendir=fs.opendir_now, readdir=fs.readdir_now,
+                                releasedir=fs.releasedir_now, looked_up=fs.looked_up)
     elif mode == "writev":
         fs.direct_io = True
         extops.set_write_handler(fs.write_now)

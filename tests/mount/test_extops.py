@@ -474,6 +474,24 @@ def test_file_handlers_answer_open_create_and_release_and_flush_stops(tmp_path):
     assert "create handler returned" in exit_rec["last_exception"]
 
 
+def test_dir_handlers_list_a_directory_over_several_replies_and_count_each_entry_once(tmp_path):
+    with toy_mount(tmp_path, "dirs") as m:
+        names = sorted(os.listdir(m.mnt))
+        assert names == sorted(["src", "dst", "drop"] + ["n%03d" % i for i in range(400)])
+        assert os.stat(m.path("n399")).st_size == 399                  # attributes came with the entries
+        deadline = time.monotonic() + 10                                # RELEASEDIR comes after closedir
+        while not m.records("releasedir_now"):
+            assert time.monotonic() < deadline, "no releasedir"
+            time.sleep(0.05)
+    calls = m.records("readdir_now")
+    assert len(calls) >= 3 and all(c["fh"] == 7 for c in calls)        # several replies, the handle kept
+    assert [c["off"] for c in calls] == sorted({c["off"] for c in calls})   # each resumes where one ended
+    counted = [r["ino"] for r in m.records("looked_up")]
+    assert sorted(counted) == list(range(2, 5 + 400)), "each entry but . and .. counted once"
+    assert [r["ino"] for r in m.records("opendir_now")] == [1]
+    assert [r["fh"] for r in m.records("releasedir_now")] == [7]
+
+
 LOAD_AFTER_PYFUSE3 = textwrap.dedent("""
     import pyfuse3
     from reflinkfs.fuse import extops
