@@ -1045,14 +1045,21 @@ static void op_create(fuse_req_t req, fuse_ino_t parent, const char *name, mode_
     meta_end(&c, res);
 }
 
-static void op_release(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi)
+/* release or releasedir: handler(fh) -> 0 | errno | None. */
+static void release_with(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi,
+                         PyObject *handler, file_fn orig, const char *op)
 {
     meta_call c;
     meta_begin(&c);
-    PyObject *res = meta_call_handler(h_release, "(K)", (unsigned long long)fi->fh);
-    if (reply_status(req, res, "release"))
-        PASS_ON(orig_release, req, ino, fi);
+    PyObject *res = meta_call_handler(handler, "(K)", (unsigned long long)fi->fh);
+    if (reply_status(req, res, op))
+        PASS_ON(orig, req, ino, fi);
     meta_end(&c, res);
+}
+
+static void op_release(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi)
+{
+    release_with(req, ino, fi, h_release, orig_release, "release");
 }
 
 static void op_flush(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi)
@@ -1158,12 +1165,7 @@ static void op_readdirplus(fuse_req_t req, fuse_ino_t ino, size_t size, off_t of
 
 static void op_releasedir(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi)
 {
-    meta_call c;
-    meta_begin(&c);
-    PyObject *res = meta_call_handler(h_releasedir, "(K)", (unsigned long long)fi->fh);
-    if (reply_status(req, res, "releasedir"))
-        PASS_ON(orig_releasedir, req, ino, fi);
-    meta_end(&c, res);
+    release_with(req, ino, fi, h_releasedir, orig_releasedir, "releasedir");
 }
 
 /* ---- the interposed libfuse entry points ------------------------------- */
