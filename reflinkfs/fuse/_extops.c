@@ -1104,7 +1104,8 @@ static int reply_dir(fuse_req_t req, PyObject *list, size_t size)
         long long next;
         struct fuse_entry_param ep;
         memset(&ep, 0, sizeof(ep));
-        if (!PyTuple_Check(t) || !PyArg_ParseTuple(t, "yOL", &name, &attrs, &next)
+        if (!PyTuple_Check(t) || PyTuple_GET_SIZE(t) != 3 || !PyBytes_Check(PyTuple_GET_ITEM(t, 0))
+            || !PyArg_ParseTuple(t, "yOL", &name, &attrs, &next)
             || fill_stat(attrs, &ep.attr) < 0) {
             PyMem_Free(buf);
             return -1;
