@@ -792,25 +792,31 @@ static int result_errno(PyObject *res, int zero_ok)
     return (e > 0 || (zero_ok && e == 0)) && e < 4096 ? (int)e : -1;
 }
 
+/* An entry (lookup, create, readdirplus) from an attribute tuple, with the
+ * timeouts of set_meta_handlers; -1 if the tuple is malformed. */
+static int fill_entry(PyObject *t, struct fuse_entry_param *ep)
+{
+    memset(ep, 0, sizeof(*ep));
+    if (fill_stat(t, &ep->attr) < 0)
+        return -1;
+    ep->ino = ep->attr.st_ino;
+    ep->attr_timeout = g_attr_timeout;
+    ep->entry_timeout = g_entry_timeout;
+    return 0;
+}
+
 /* lookup (entry != 0) or getattr: reply res, a tuple or an errno. */
 static void reply_attributes(fuse_req_t req, PyObject *res, int entry)
 {
     int e = result_errno(res, 0);
-    struct stat st;
+    struct fuse_entry_param ep;
     if (e > 0) {
         fuse_reply_err(req, e);
-    } else if (res != NULL && fill_stat(res, &st) == 0) {
-        if (entry) {
-            struct fuse_entry_param ep;
-            memset(&ep, 0, sizeof(ep));
-            ep.ino = st.st_ino;
-            ep.attr = st;
-            ep.attr_timeout = g_attr_timeout;
-            ep.entry_timeout = g_entry_timeout;
+    } else if (res != NULL && fill_entry(res, &ep) == 0) {
+        if (entry)
             fuse_reply_entry(req, &ep);
-        } else {
-            fuse_reply_attr(req, &st, g_attr_timeout);
-        }
+        else
+            fuse_reply_attr(req, &ep.attr, g_attr_timeout);
     } else {
         reply_bad(req, entry ? "lookup" : "getattr", res);
     }
@@ -1026,17 +1032,13 @@ static void op_create(fuse_req_t req, fuse_ino_t parent, const char *name, mode_
                                       (unsigned int)ctx->umask, (unsigned long long)ctx->pid);
     struct fuse_entry_param ep;
     long long v;
-    memset(&ep, 0, sizeof(ep));
     if (res == Py_None) {
         PASS_ON(orig_create, req, parent, name, mode, fi);
     } else if (result_fh(res, &v) == 0 && v < 0) {
         fuse_reply_err(req, (int)-v);
     } else if (!PyErr_Occurred() && res != NULL && PyTuple_Check(res) && PyTuple_GET_SIZE(res) == 2
                && result_fh(PyTuple_GET_ITEM(res, 0), &v) == 0 && v >= 0
-               && fill_stat(PyTuple_GET_ITEM(res, 1), &ep.attr) == 0) {
-        ep.ino = ep.attr.st_ino;
-        ep.attr_timeout = g_attr_timeout;
-        ep.entry_timeout = g_entry_timeout;
+               && fill_entry(PyTuple_GET_ITEM(res, 1), &ep) == 0) {
         set_file_info(fi, v);
         fuse_reply_create(req, &ep, fi);
     } else {
@@ -1103,16 +1105,12 @@ static int reply_dir(fuse_req_t req, PyObject *list, size_t size)
         const char *name;
         long long next;
         struct fuse_entry_param ep;
-        memset(&ep, 0, sizeof(ep));
         if (!PyTuple_Check(t) || PyTuple_GET_SIZE(t) != 3 || !PyBytes_Check(PyTuple_GET_ITEM(t, 0))
             || !PyArg_ParseTuple(t, "yOL", &name, &attrs, &next)
-            || fill_stat(attrs, &ep.attr) < 0) {
+            || fill_entry(attrs, &ep) < 0) {
             PyMem_Free(buf);
             return -1;
         }
-        ep.ino = ep.attr.st_ino;
-        ep.attr_timeout = g_attr_timeout;
-        ep.entry_timeout = g_entry_timeout;
         size_t need = fuse_add_direntry_plus(req, NULL, 0, name, &ep, (off_t)next);
         if (used + need > size)
             break;

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import errno
 import functools
+import itertools
 import json
 import logging
 import os
@@ -303,38 +304,38 @@ class Operations(pyfuse3.Operations):
 
     @_translate
     async def readdir(self, fh, start_id, token):
-        """"." and "..", then the entries in id order. The offset after "." is 1, after ".." 2, after an
-        entry its id + 2 (ids start at 1), so a listing resumes where it stopped while entries change."""
-        if start_id < 1 and not pyfuse3.readdir_reply(token, b".", self.entry(self.vol.getattr(fh)), 1):
-            return
-        if start_id < 2 and not pyfuse3.readdir_reply(token, b"..", self.entry(self.vol.lookup(fh, b"..")), 2):
-            return
-        # the kernel makes no dentry for "." and "..", so they are not counted as lookups
+        for name, a, next_id in self._listing(fh, start_id):
+            if not pyfuse3.readdir_reply(token, name, self.entry(a), next_id):
+                return
+            if name not in (b".", b".."):   # the kernel makes no dentry for these, so no lookup either
+                self.vol.looked_up(a.ino)    # readdirplus: the kernel counts this entry as a lookup
+
+    def readdir_now(self, fh: int, start_id: int, size: int):
+        """readdir for extops (set_dir_handlers): the entries from start_id on, as many as may fit in size
+        bytes; extops counts the lookups of those it replies."""
+        n = size // DIRENTPLUS_MIN + 1
+        try:
+            return [(name, self.stat_tuple(a), next_id)
+                    for name, a, next_id in itertools.islice(self._listing(fh, start_id, batch=n), n)]
+        except Exception as e:
+            return _errno_of(e, "readdir", (fh, start_id))
+
+    def _listing(self, fh: int, start_id: int, batch: int = 1000):
+        """(name, Attr, next offset) of ".", "..", then the entries in id order, from start_id on. The
+        offset after "." is 1, after ".." 2, after an entry its id + 2 (ids start at 1), so a listing
+        resumes where it stopped while entries change."""
+        if start_id < 1:
+            yield b".", self.vol.getattr(fh), 1
+        if start_id < 2:
+            yield b"..", self.vol.lookup(fh, b".."), 2
         after = max(0, start_id - 2)
         while True:
-            rows = self.vol.readdir(fh, after)
+            rows = self.vol.readdir(fh, after, limit=batch)
             if not rows:
                 return
             for dirent_id, name, a in rows:
-                if not pyfuse3.readdir_reply(token, name, self.entry(a), dirent_id + 2):
-                    return
-                self.vol.looked_up(a.ino)     # readdirplus: the kernel counts this entry as a lookup
-                after = dirent_id
-
-    def readdir_now(self, fh: int, start_id: int, size: int):
-        """readdir for extops (set_dir_handlers): the entries from start_id on (offsets as `readdir` gives
-        them), as many as may fit in size bytes; extops counts the lookups of those it replies."""
-        try:
-            out = []
-            if start_id < 1:
-                out.append((b".", self.stat_tuple(self.vol.getattr(fh)), 1))
-            if start_id < 2:
-                out.append((b"..", self.stat_tuple(self.vol.lookup(fh, b"..")), 2))
-            rows = self.vol.readdir(fh, max(0, start_id - 2), limit=size // DIRENTPLUS_MIN + 1)
-            out.extend((name, self.stat_tuple(a), dirent_id + 2) for dirent_id, name, a in rows)
-            return out
-        except Exception as e:
-            return _errno_of(e, "readdir", (fh, start_id))
+                yield name, a, dirent_id + 2
+            after = rows[-1][0]
 
     def opendir_now(self, ino: int) -> int:
         try:
