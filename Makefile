@@ -1,21 +1,49 @@
 # `make setup` is idempotent: it installs what reflinkfs needs on a fresh Debian 12 machine (as root).
+#  1. Debian packages: fuse3 (fusermount3), libxxhash-dev, and the tools that build libfuse;
+#  2. libfuse 3.17 from Debian's fuse3 source package, into build/libfuse/prefix (scripts/build-libfuse.sh;
+#     the system's libfuse 3.14 stays): FUSE passthrough and shared mmap of direct_io files need >= 3.17;
+#  3. .venv with pyfuse3 $(PYFUSE3) compiled against that libfuse, then reflinkfs with its test extras.
 VENV    ?= .venv
 PY      := $(VENV)/bin/python
-DEB     := fuse3 libfuse3-dev libxxhash-dev pkg-config gcc
+DEB     := fuse3 libxxhash-dev pkg-config gcc meson ninja-build dpkg-dev debian-archive-keyring
+PYFUSE3 := 3.5.0
+LIBFUSE := $(CURDIR)/build/libfuse/prefix
+export PKG_CONFIG_PATH := $(LIBFUSE)/lib/pkgconfig
 STAMP   := $(VENV)/.installed
+DEBS    := build/.debs
+LIBFUSE_STAMP := $(LIBFUSE)/.built
+PYFUSE3_STAMP := $(VENV)/.pyfuse3-$(PYFUSE3)
 
 .PHONY: setup test demo bench clean
 
 setup: $(STAMP)
 
-$(STAMP): pyproject.toml setup.py $(wildcard reflinkfs/*/*.c)
+$(DEBS): Makefile
 	@missing=$$(for p in $(DEB); do dpkg-query -W -f='$${Status}\n' $$p 2>/dev/null | grep -q 'install ok installed' || echo $$p; done); \
 	if [ -n "$$missing" ]; then \
 		echo "installing Debian packages:$$missing"; \
 		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; \
 	fi
+	@mkdir -p build && touch $@
+
+$(LIBFUSE_STAMP): scripts/build-libfuse.sh $(DEBS)
+	bash scripts/build-libfuse.sh build/libfuse
+	touch $@
+
+# pyfuse3 has no wheels: it compiles against the libfuse that pkg-config finds (ours, see above), and
+# keeps an rpath to it. The check after the install fails loudly if it linked anything else.
+$(PYFUSE3_STAMP): $(LIBFUSE_STAMP)
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip setuptools wheel
+	LDFLAGS="-Wl,-rpath,$(LIBFUSE)/lib" $(PY) -m pip install -q --no-binary pyfuse3 --no-cache-dir \
+		--force-reinstall --no-deps pyfuse3==$(PYFUSE3)
+	$(PY) -m pip install -q pyfuse3==$(PYFUSE3)
+	$(PY) -c 'import pyfuse3, subprocess, sys; \
+		out = subprocess.run(["ldd", pyfuse3.__file__], capture_output=True, text=True).stdout; \
+		sys.exit(0 if "$(LIBFUSE)/lib/libfuse3.so" in out else "pyfuse3 is not linked to $(LIBFUSE):\n" + out)'
+	touch $@
+
+$(STAMP): pyproject.toml setup.py $(wildcard reflinkfs/*/*.c) reflinkfs/fuse/extops.map $(PYFUSE3_STAMP)
 	$(PY) -m pip install -q -e '.[test,bench]'
 	touch $(STAMP)
 

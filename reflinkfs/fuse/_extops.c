@@ -88,7 +88,7 @@
 
 typedef struct fuse_session *(*session_new_fn)(struct fuse_args *,
                                                const struct fuse_lowlevel_ops *,
-                                               size_t, void *);
+                                               size_t, struct libfuse_version *, void *);
 typedef void (*session_destroy_fn)(struct fuse_session *);
 typedef void (*process_buf_fn)(struct fuse_session *, const struct fuse_buf *);
 
@@ -1169,19 +1169,19 @@ static void op_releasedir(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info 
 
 /* ---- the interposed libfuse entry points ------------------------------- */
 
+/* libfuse 3.17's fuse_session_new() is an inline wrapper around this one,
+ * so this is the symbol a pyfuse3 compiled against it binds. */
 EXPORT struct fuse_session *
-fuse_session_new(struct fuse_args *args, const struct fuse_lowlevel_ops *op,
-                 size_t op_size, void *userdata)
+fuse_session_new_versioned(struct fuse_args *args, const struct fuse_lowlevel_ops *op,
+                           size_t op_size, struct libfuse_version *version, void *userdata)
 {
-    session_new_fn real = (session_new_fn)dlvsym(RTLD_NEXT, "fuse_session_new", "FUSE_3.0");
-    if (real == NULL)
-        real = (session_new_fn)dlsym(RTLD_NEXT, "fuse_session_new");
+    session_new_fn real = (session_new_fn)dlvsym(RTLD_NEXT, "fuse_session_new_versioned", "FUSE_3.17");
     if (real == NULL) {
         errno = ENOSYS;
         return NULL;
     }
     if (op == NULL)
-        return real(args, op, op_size, userdata);
+        return real(args, op, op_size, version, userdata);
 
     /* libfuse copies the table into the session, so a stack copy is fine. */
     struct fuse_lowlevel_ops ops;
@@ -1211,7 +1211,7 @@ fuse_session_new(struct fuse_args *args, const struct fuse_lowlevel_ops *op,
     ROUTE(releasedir);
 #undef ROUTE
     g_interposed = 1;
-    return real(args, &ops, sizeof(ops), userdata);
+    return real(args, &ops, sizeof(ops), version, userdata);
 }
 
 EXPORT void fuse_session_destroy(struct fuse_session *se)
