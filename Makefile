@@ -1,11 +1,12 @@
 # `make setup` is idempotent: it installs what reflinkfs needs on a fresh Debian 12 machine (as root).
-#  1. Debian packages: fuse3 (fusermount3), libxxhash-dev, and the tools that build libfuse;
+#  1. Debian packages: fuse3 (fusermount3), libxxhash-dev, the tools that build libfuse, and acl and
+#     sqlite3 (the tests drive setfacl, getfacl and sqlite3 on a mount);
 #  2. libfuse 3.17 from Debian's fuse3 source package, into build/libfuse/prefix (scripts/build-libfuse.sh;
 #     the system's libfuse 3.14 stays): FUSE passthrough and shared mmap of direct_io files need >= 3.17;
 #  3. .venv with pyfuse3 $(PYFUSE3) compiled against that libfuse, then reflinkfs with its test extras.
 VENV    ?= .venv
 PY      := $(VENV)/bin/python
-DEB     := fuse3 libxxhash-dev pkg-config gcc meson ninja-build dpkg-dev debian-archive-keyring
+DEB     := fuse3 libxxhash-dev pkg-config gcc meson ninja-build dpkg-dev debian-archive-keyring acl sqlite3
 PYFUSE3 := 3.5.0
 LIBFUSE := $(CURDIR)/build/libfuse/prefix
 export PKG_CONFIG_PATH := $(LIBFUSE)/lib/pkgconfig
