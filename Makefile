@@ -27,7 +27,7 @@ $(DEBS): Makefile
 	fi
 	@mkdir -p build && touch $@
 
-$(LIBFUSE_STAMP): scripts/build-libfuse.sh $(DEBS)
+$(LIBFUSE_STAMP): scripts/build-libfuse.sh | $(DEBS)
 	bash scripts/build-libfuse.sh build/libfuse
 	touch $@
 
@@ -44,7 +44,7 @@ $(PYFUSE3_STAMP): $(LIBFUSE_STAMP)
 		sys.exit(0 if "$(LIBFUSE)/lib/libfuse3.so" in out else "pyfuse3 is not linked to $(LIBFUSE):\n" + out)'
 	touch $@
 
-$(STAMP): pyproject.toml setup.py $(wildcard reflinkfs/*/*.c) reflinkfs/fuse/extops.map $(PYFUSE3_STAMP)
+$(STAMP): pyproject.toml setup.py $(wildcard reflinkfs/*/*.c) reflinkfs/fuse/extops.map $(PYFUSE3_STAMP) | $(DEBS)
 	$(PY) -m pip install -q -e '.[test,bench]'
 	touch $(STAMP)
 
