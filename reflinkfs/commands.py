@@ -359,6 +359,9 @@ def _clone_file(src: str, dst: str, force: bool) -> None:
                           errno.ENOSPC: "no space left in the store",
                           errno.EINVAL: "source and destination are the same file"}.get(e.errno, e.strerror)
                 raise StoreError(f"cannot clone {src} to {dst}: {reason}") from None
+            # The daemon dropped the kernel's cached attributes of dst; fetch them now, so that what
+            # the kernel decides from its cached size (where an O_APPEND write goes) is right at once.
+            os.fstat(dfd)
         finally:
             os.close(dfd)
     finally:

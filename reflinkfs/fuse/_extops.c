@@ -145,6 +145,9 @@ static int g_passed = 0;                   /* the last request went to pyfuse3's
 static PyObject *last_exc = NULL;          /* last exception raised by a handler */
 
 static volatile int g_interposed = 0;
+/* What INIT negotiated (see op_init); read by negotiated(). */
+static int g_init_done = 0, g_allow_mmap = 0;
+static unsigned g_proto_major = 0, g_proto_minor = 0;
 static unsigned long long n_copy_file_range = 0;
 static unsigned long long n_copy_file_range_64 = 0; /* ... of them sent as COPY_FILE_RANGE_64 */
 static unsigned long long n_fallocate = 0;
@@ -178,6 +181,8 @@ typedef void (*create_fn)(fuse_req_t, fuse_ino_t, const char *, mode_t, struct f
 static create_fn orig_create = NULL;
 static file_fn orig_opendir = NULL, orig_releasedir = NULL;
 static read_fn orig_readdirplus = NULL;
+typedef void (*init_fn)(void *, struct fuse_conn_info *);
+static init_fn orig_init = NULL;                 /* pyfuse3's init */
 
 /* Sessions created through us, and a generation counter bumped whenever one
  * of them is destroyed.  A Request records the generation it was created in;
@@ -1167,6 +1172,26 @@ static void op_releasedir(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info 
     release_with(req, ino, fi, h_releasedir, orig_releasedir, "releasedir");
 }
 
+/* ---- init --------------------------------------------------------------- */
+
+/* pyfuse3's init asks for what pyfuse3 knows; then ask for shared mappings of
+ * direct_io files (FUSE_CAP_DIRECT_IO_ALLOW_MMAP, kernel >= 6.6): without it
+ * the kernel refuses MAP_SHARED of every file opened with direct_io (ENODEV).
+ * With it, the kernel keeps a mapped inode's page cache coherent with direct
+ * reads and writes itself: a direct read or write first writes back the dirty
+ * pages of its range, and a direct write drops the cached pages it covers. */
+static void op_init(void *userdata, struct fuse_conn_info *conn)
+{
+    if (orig_init != NULL)
+        orig_init(userdata, conn);
+    if (conn->capable & FUSE_CAP_DIRECT_IO_ALLOW_MMAP)
+        conn->want |= FUSE_CAP_DIRECT_IO_ALLOW_MMAP;
+    g_allow_mmap = (conn->want & FUSE_CAP_DIRECT_IO_ALLOW_MMAP) != 0;
+    g_proto_major = conn->proto_major;
+    g_proto_minor = conn->proto_minor;
+    g_init_done = 1;
+}
+
 /* ---- the interposed libfuse entry points ------------------------------- */
 
 /* libfuse 3.17's fuse_session_new() is an inline wrapper around this one,
@@ -1191,6 +1216,7 @@ fuse_session_new_versioned(struct fuse_args *args, const struct fuse_lowlevel_op
     ops.fallocate = op_fallocate;
     /* Route a request to op_<name>, keeping pyfuse3's handler as orig_<name>. */
 #define ROUTE(name) (orig_##name = ops.name, ops.name = op_##name)
+    ROUTE(init);
     ROUTE(read);
     ROUTE(write);
     /* libfuse prefers write_buf (pyfuse3 sets it, and it makes libfuse splice
@@ -1461,6 +1487,15 @@ static PyObject *m_interposed(PyObject *mod, PyObject *unused)
     return PyBool_FromLong(g_interposed);
 }
 
+static PyObject *m_negotiated(PyObject *mod, PyObject *unused)
+{
+    if (!g_init_done)
+        Py_RETURN_NONE;
+    return Py_BuildValue("{s:s,s:(II),s:O}", "libfuse", fuse_pkgversion(),
+                         "protocol", g_proto_major, g_proto_minor,
+                         "direct_io_allow_mmap", g_allow_mmap ? Py_True : Py_False);
+}
+
 static PyObject *m_counts(PyObject *mod, PyObject *unused)
 {
     return Py_BuildValue("{s:K,s:K,s:K,s:K,s:K,s:K,s:K,s:K,s:K,s:K,s:K,s:K}",
@@ -1536,6 +1571,9 @@ static PyMethodDef module_methods[] = {
      "back through pyfuse3's loop)."},
     {"interposed", m_interposed, METH_NOARGS,
      "interposed() -> bool: True once pyfuse3's fuse_session_new went through us."},
+    {"negotiated", m_negotiated, METH_NOARGS,
+     "negotiated() -> dict | None: the libfuse version and what INIT agreed with the kernel\n"
+     "(protocol version, direct_io_allow_mmap); None before INIT."},
     {"counts", m_counts, METH_NOARGS,
      "counts() -> dict: requests received per operation (plus fallback stats)."},
     {"last_exception", m_last_exception, METH_NOARGS,

@@ -77,11 +77,10 @@ def _translate(fn):
 
 
 class Handle:
-    __slots__ = ("ino", "append", "readable", "pid")
+    __slots__ = ("ino", "readable", "pid")
 
     def __init__(self, ino: int, flags: int, pid: int):
         self.ino = ino
-        self.append = bool(flags & os.O_APPEND)
         self.readable = (flags & os.O_ACCMODE) in (os.O_RDONLY, os.O_RDWR)
         self.pid = pid
 
@@ -384,7 +383,7 @@ class Operations(pyfuse3.Operations):
     @_translate
     async def setxattr(self, inode, name, value, ctx):
         if name == XATTR_CLONE:
-            self._clone_from(inode, value, ctx)
+            await self._clone_from(inode, value, ctx)
         elif name.startswith(VIRTUAL):
             raise FsError(errno.EPERM, "reflinkfs attributes are read-only")
         elif name.startswith(b"system."):
@@ -429,18 +428,36 @@ class Operations(pyfuse3.Operations):
                                "next": f"{XATTR_EXTENTS.decode()}.{page + 1}" if more else None}).encode()
         raise FsError(errno.ENODATA)
 
-    def _clone_from(self, dst: int, value: bytes, ctx) -> None:
+    async def _clone_from(self, dst: int, value: bytes, ctx) -> None:
         """`reflinkfs clone`: make dst share all of src's extents, or fail; never copy bytes.
 
         The caller proves it may read the source by holding it open for reading (the kernel checked
-        the permission at open); the kernel checks write permission on dst for setting the attribute."""
+        the permission at open); the kernel checks write permission on dst for setting the attribute.
+
+        The kernel knows nothing of this change, so the daemon tells it, as it does itself around a
+        copy_file_range: dirty pages of a shared mapping of either file are written back first (so the
+        clone has them, and none lands on dst after it), and dst's cached pages and attributes are
+        dropped after."""
         try:
             src = int(value)
         except ValueError:
             raise FsError(errno.EINVAL, "clone-from takes an inode number") from None
         if not any(h.ino == src and h.readable and h.pid == ctx.pid for h in self._handles.values()):
             raise FsError(errno.EBADF, "the source must be open for reading by the calling process")
-        self.vol.clone_file(src, dst)
+        await self._drop_kernel_cache(src)
+        await self._drop_kernel_cache(dst)
+        self.vol.clone_file(src, dst)        # no await between the checks inside it and the change
+        await self._drop_kernel_cache(dst)
+
+    async def _drop_kernel_cache(self, ino: int) -> None:
+        """Have the kernel write back the inode's dirty mapped pages and drop its cached pages and
+        attributes. In a thread: the write-back comes to this daemon as WRITE requests, which the loop
+        serves meanwhile."""
+        try:
+            await trio.to_thread.run_sync(pyfuse3.invalidate_inode, ino, False)
+        except OSError as e:
+            if e.errno != errno.ENOENT:       # ENOENT: the kernel has no such inode cached
+                raise
 
     async def access(self, inode, mode, ctx):
         return True   # default_permissions: the kernel checks
@@ -512,8 +529,11 @@ class Operations(pyfuse3.Operations):
         return self._write_at(h, off, buf)
 
     def _write_at(self, h: Handle, off: int, data, stable: bool = False) -> int:
-        """Write at off, or at the end of the file for a handle opened with O_APPEND."""
-        return self.vol.write(h.ino, self.vol.getattr(h.ino).size if h.append else off, data, stable)
+        """Write at off. For a handle opened with O_APPEND the kernel has already put off at the end of
+        the file (under the inode lock, so appends do not interleave). The daemon must not move it: the
+        kernel also writes a shared mapping's dirty pages back through any writable handle of the inode,
+        an O_APPEND one included, at the pages' own offsets."""
+        return self.vol.write(h.ino, off, data, stable)
 
     def _forget_may_free(self, e: FsError) -> bool:
         """ENOSPC right after a removal: space the removal released may be a forget away."""

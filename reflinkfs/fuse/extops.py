@@ -143,6 +143,7 @@ __all__ = [
     "set_chain_wait",
     "interposed",
     "counts",
+    "negotiated",
     "last_exception",
 ]
 
@@ -209,6 +210,12 @@ def _require():
 def interposed() -> bool:
     """True once pyfuse3's fuse_session_new() went through our wrapper."""
     return _ext is not None and _ext.interposed()
+
+
+def negotiated() -> dict | None:
+    """What INIT agreed with the kernel: ``{'libfuse': version, 'protocol': (major, minor),
+    'direct_io_allow_mmap': bool}`` (shared mappings of direct_io files), or None before INIT."""
+    return _require().negotiated()
 
 
 def counts() -> dict[str, int]:

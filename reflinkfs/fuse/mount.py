@@ -62,6 +62,7 @@ def run(opts: MountOptions, ready=None) -> int:
                          status=lambda: {"clones": ranges.clones, "cloned_bytes": ranges.cloned_bytes,
                                          "extops": extops.counts() if ext_ok else None,
                                          "copy_file_range_handled": bool(ext_ok and extops.interposed()),
+                                         "negotiated": extops.negotiated() if ext_ok else None,
                                          "code": os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                                          "kernel_cache": opts.kernel_cache})
         ranges = RangeOps(ops)
