@@ -131,3 +131,28 @@ def test_new_inodes_inherit_the_default_acl_instead_of_the_umask(vol):
     # without a default ACL the umask applies
     g = vol.create(ROOT, b"g", 0o666, U, G, umask=0o027)
     assert stat.S_IMODE(g.mode) == 0o640 and vol.listxattr(g.ino) == []
+
+
+@pytest.mark.damages_store
+def test_fsck_finds_acls_that_disagree_with_the_mode(store):
+    import sqlite3
+
+    from reflinkfs.check import fsck
+    from reflinkfs.core.volume import Volume
+    with Volume.open(store) as v:
+        f = v.create(ROOT, b"f", 0o600, U, G).ino
+        v.setxattr(f, acl.ACCESS, NAMED)
+        d = v.mkdir(ROOT, b"d", 0o755, U, G).ino
+        v.setxattr(d, acl.DEFAULT, NAMED)
+        g = v.create(ROOT, b"g", 0o600, U, G).ino
+    assert fsck(store).findings == []
+    db = sqlite3.connect(f"{store}/meta.db")
+    with db:
+        db.execute("UPDATE inodes SET mode=? WHERE ino=?", (stat.S_IFREG | 0o644, f))
+        db.execute("INSERT INTO xattrs(ino, name, value) VALUES (?, ?, ?)", (g, acl.DEFAULT, NAMED))
+        db.execute("UPDATE xattrs SET value=? WHERE ino=? AND name=?", (NAMED[:-1], d, acl.DEFAULT))
+    db.close()
+    findings = fsck(store).findings
+    assert f"acl: inode {f}: mode 644 and access ACL (664) disagree" in findings
+    assert f"acl: inode {g} is not a directory but has a default ACL" in findings
+    assert any(x.startswith(f"acl: inode {d} has a malformed system.posix_acl_default") for x in findings)
