@@ -20,7 +20,9 @@ import xxhash
 
 from .meta import schema
 from .meta.schema import BLOCK_SIZE, ROOT_INO, pack_sums, unpack_sums
+from .core import acl
 from .core.intervals import coverage as _coverage
+from .errors import FsError
 from .core.space import read_csums
 
 BS = BLOCK_SIZE
@@ -249,8 +251,28 @@ def check_data(db, data_path: str) -> list[str]:
     return out
 
 
+def check_acls(db) -> list[str]:
+    """POSIX ACLs parse; a default ACL is on a directory; an access ACL says more than the mode and agrees
+    with its permission bits (see core/acl.py)."""
+    out = []
+    for ino, name, value, mode in db.execute("SELECT x.ino, x.name, x.value, i.mode FROM xattrs x JOIN inodes i "
+                                             "ON i.ino = x.ino WHERE x.name IN (?, ?)", acl.NAMES):
+        what = name.decode() if isinstance(name, bytes) else name
+        try:
+            entries = acl.parse(value)
+        except FsError as e:
+            out.append(f"acl: inode {ino} has a malformed {what} ({e.message})")
+            continue
+        if name == acl.DEFAULT and not stat.S_ISDIR(mode):
+            out.append(f"acl: inode {ino} is not a directory but has a default ACL")
+        elif name == acl.ACCESS and (acl.is_minimal(entries) or acl.mode_bits(entries) != mode & 0o777):
+            out.append(f"acl: inode {ino}: mode {mode & 0o777:o} and access ACL "
+                       f"({acl.mode_bits(entries):o}{', minimal' if acl.is_minimal(entries) else ''}) disagree")
+    return out
+
+
 CHECKS = [check_runs_disjoint, check_free_vs_used, check_refcounts, check_extent_maps, check_nlink,
-          check_tree, check_csums_present]
+          check_tree, check_csums_present, check_acls]
 
 
 def run_checks(db, data_path: str, verify_data: bool = False) -> list[str]:

@@ -36,6 +36,7 @@ from dataclasses import dataclass
 from ..errors import FsError, StoreError
 from ..meta import schema
 from ..meta.schema import BLOCK_SIZE, ROOT_INO
+from . import acl
 from . import extents as ext
 from .blockio import UncachedIO
 from .datafile import DataFile
@@ -178,6 +179,7 @@ class Volume:
         self._in_txn = False
         self._open = collections.Counter()     # ino -> open handles (unlinked files live until 0)
         self._lookups = collections.Counter()  # ino -> the kernel's lookup count under FUSE (same rule)
+        self._tmpfiles: set[int] = set()       # O_TMPFILE inodes not linked yet: the one link may give nlink 0 → 1
         self.last_commit = time.monotonic()
         self.commits = 0
         # COMMIT only writes the WAL; sync_meta() makes it durable (and checkpoints, on its own connection)
@@ -391,13 +393,19 @@ class Volume:
             raise FsError(errno.ENOENT)
         return Attr(*row)
 
-    def _new_inode(self, parent: int, name: bytes, mode: int, uid: int, gid: int, rdev: int = 0,
-                   target: bytes | None = None) -> Attr:
-        _check_name(name)
+    def _new_inode(self, parent: int, name: bytes | None, mode: int, uid: int, gid: int, rdev: int = 0,
+                   target: bytes | None = None, umask: int = 0) -> Attr:
+        """A new inode in parent, named name; with name None an O_TMPFILE inode: nlink 0 and no entry, like
+        a file unlinked while open (it is freed the same way, unless link() gives it a name first).
+
+        Its permissions: parent's default ACL masked by mode, which the new inode takes as its access ACL
+        (and a directory as its default ACL too); without one, mode masked by umask (see core/acl.py)."""
+        if name is not None:
+            _check_name(name)
         p = self._dir(parent)
         if p.nlink == 0:
             raise FsError(errno.ENOENT, "directory was removed")
-        if self._child(parent, name) is not None:
+        if name is not None and self._child(parent, name) is not None:
             raise FsError(errno.EEXIST)
         now = time.time_ns()
         is_dir = stat.S_ISDIR(mode)
@@ -405,31 +413,58 @@ class Volume:
             gid = p.gid
             if is_dir:
                 mode |= stat.S_ISGID
+        inherited: list[tuple[bytes, bytes]] = []
+        if not stat.S_ISLNK(mode):  # a symlink's mode is always 0777, and it has no ACL
+            row = self.db.execute("SELECT value FROM xattrs WHERE ino=? AND name=?", (parent, acl.DEFAULT)).fetchone()
+            if row is None:
+                mode &= ~(umask & 0o777)
+            else:
+                default = acl.parse(row[0])
+                mode, access = acl.inherit(default, mode)
+                if access is not None:
+                    inherited.append((acl.ACCESS, acl.pack(access)))
+                if is_dir:
+                    inherited.append((acl.DEFAULT, row[0]))
         size = len(target) if target is not None else 0
+        nlink = 0 if name is None else 2 if is_dir else 1
         cur = self.db.execute("INSERT INTO inodes(mode, uid, gid, nlink, size, rdev, atime_ns, mtime_ns, "
                               "ctime_ns, target) VALUES (?,?,?,?,?,?,?,?,?,?)",
-                              (mode, uid, gid, 2 if is_dir else 1, size, rdev, now, now, now, target))
+                              (mode, uid, gid, nlink, size, rdev, now, now, now, target))
         ino = cur.lastrowid
+        for xname, value in inherited:
+            self.db.execute("INSERT INTO xattrs(ino, name, value) VALUES (?, ?, ?)", (ino, xname, value))
+        if name is None:
+            self._tmpfiles.add(ino)
+            return self._row(ino)
         self.db.execute("INSERT INTO dirents(parent, name, ino) VALUES (?, ?, ?)", (parent, name, ino))
         if is_dir:
             self.db.execute("UPDATE inodes SET nlink=nlink+1 WHERE ino=?", (parent,))
         self._touch(parent)
         return self._row(ino)
 
-    def mknod(self, parent: int, name: bytes, mode: int, uid: int, gid: int, rdev: int = 0) -> Attr:
+    def mknod(self, parent: int, name: bytes, mode: int, uid: int, gid: int, rdev: int = 0,
+              umask: int = 0) -> Attr:
+        """A new file, device, fifo or socket; `umask` applies unless parent has a default ACL."""
         if stat.S_IFMT(mode) == 0:
             mode |= stat.S_IFREG
         if stat.S_ISDIR(mode) or stat.S_ISLNK(mode):
             raise FsError(errno.EINVAL, "use mkdir or symlink")
         with self._op():
-            return self._new_inode(parent, name, mode, uid, gid, rdev)
+            return self._new_inode(parent, name, mode, uid, gid, rdev, umask=umask)
 
-    def create(self, parent: int, name: bytes, mode: int, uid: int, gid: int) -> Attr:
-        return self.mknod(parent, name, stat.S_IFREG | stat.S_IMODE(mode), uid, gid)
+    def create(self, parent: int, name: bytes, mode: int, uid: int, gid: int, umask: int = 0) -> Attr:
+        return self.mknod(parent, name, stat.S_IFREG | stat.S_IMODE(mode), uid, gid, umask=umask)
 
-    def mkdir(self, parent: int, name: bytes, mode: int, uid: int, gid: int) -> Attr:
+    def tmpfile(self, parent: int, mode: int, uid: int, gid: int, umask: int = 0) -> Attr:
+        """An O_TMPFILE inode: a regular file in no directory, nlink 0, that link() may name once. The
+        caller opens it at once (opened()); it is freed at its last release and forget, as an unlinked
+        file is, and after a crash it is an orphan freed at the next mount."""
         with self._op():
-            return self._new_inode(parent, name, stat.S_IFDIR | (mode & 0o7777), uid, gid)
+            return self._new_inode(parent, None, stat.S_IFREG | stat.S_IMODE(mode), uid, gid, umask=umask)
+
+    def mkdir(self, parent: int, name: bytes, mode: int, uid: int, gid: int, umask: int = 0) -> Attr:
+        with self._op():
+            return self._new_inode(parent, name, stat.S_IFDIR | (mode & 0o7777), uid, gid, umask=umask)
 
     def symlink(self, parent: int, name: bytes, target: bytes, uid: int, gid: int) -> Attr:
         if len(target) > 4095:
@@ -450,7 +485,7 @@ class Volume:
             a = self._row(ino)
             if stat.S_ISDIR(a.mode):
                 raise FsError(errno.EPERM, "hard links to directories are not allowed")
-            if a.nlink == 0:
+            if a.nlink == 0 and ino not in self._tmpfiles:   # the VFS refuses this too (I_LINKABLE)
                 raise FsError(errno.ENOENT, "file was removed")
             _check_name(new_name)
             p = self._dir(new_parent)
@@ -462,7 +497,9 @@ class Volume:
             self.db.execute("UPDATE inodes SET nlink=nlink+1 WHERE ino=?", (ino,))
             self._touch(ino, mtime=False)
             self._touch(new_parent)
-            return self._row(ino)
+            linked = self._row(ino)
+            self._tmpfiles.discard(ino)     # the last step: nothing after it can roll the link back
+            return linked
 
     def unlink(self, parent: int, name: bytes) -> None:
         with self._op():
@@ -505,6 +542,7 @@ class Volume:
             self._free_inode(ino)
 
     def _free_inode(self, ino: int) -> None:
+        self._tmpfiles.discard(ino)
         self._release(ext.unmap(self.db, ino, 0, END))
         self.io.drop_inode(ino, 0, None)
         self.db.execute("DELETE FROM xattrs WHERE ino=?", (ino,))
@@ -645,6 +683,7 @@ class Volume:
                 sets["mtime_ns"] = now
             if mode is not None:
                 sets["mode"] = stat.S_IFMT(a.mode) | (mode & 0o7777)
+                self._chmod_acl(ino, mode)
             if uid is not None:
                 sets["uid"] = uid
             if gid is not None:
@@ -659,6 +698,27 @@ class Volume:
             return self._row(ino)
 
     # -- extended attributes -------------------------------------------------------------------
+    def _chmod_acl(self, ino: int, mode: int) -> None:
+        """chmod on an inode with an access ACL: its owner, mask (or group) and other entries follow."""
+        row = self.db.execute("SELECT value FROM xattrs WHERE ino=? AND name=?", (ino, acl.ACCESS)).fetchone()
+        if row is not None:
+            self.db.execute("UPDATE xattrs SET value=? WHERE ino=? AND name=?",
+                            (acl.pack(acl.chmod(acl.parse(row[0]), mode)), ino, acl.ACCESS))
+
+    def _set_acl(self, a: Attr, name: bytes, value: bytes) -> bool:
+        """Setting an ACL (see core/acl.py): checked; an access ACL sets the mode's permission bits and is
+        stored only if the mode cannot say it all. False when nothing is to be stored."""
+        entries = acl.parse(value)
+        if name == acl.DEFAULT:
+            if not stat.S_ISDIR(a.mode):
+                raise FsError(errno.EACCES, "a default ACL is only for directories")
+            return True
+        self.db.execute("UPDATE inodes SET mode=? WHERE ino=?", ((a.mode & ~0o777) | acl.mode_bits(entries), a.ino))
+        if acl.is_minimal(entries):
+            self.db.execute("DELETE FROM xattrs WHERE ino=? AND name=?", (a.ino, name))
+            return False
+        return True
+
     def getxattr(self, ino: int, name: bytes) -> bytes:
         self._row(ino)
         row = self.db.execute("SELECT value FROM xattrs WHERE ino=? AND name=?", (ino, name)).fetchone()
@@ -672,13 +732,15 @@ class Volume:
         if len(value) > 65536:
             raise FsError(errno.E2BIG, "xattr value too large")
         with self._op():
-            self._row(ino)
+            a = self._row(ino)
             exists = self.db.execute("SELECT 1 FROM xattrs WHERE ino=? AND name=?", (ino, name)).fetchone()
             if flags & XATTR_CREATE and exists:
                 raise FsError(errno.EEXIST)
             if flags & XATTR_REPLACE and not exists:
                 raise FsError(errno.ENODATA)
-            self.db.execute("INSERT OR REPLACE INTO xattrs(ino, name, value) VALUES (?, ?, ?)", (ino, name, value))
+            if name not in acl.NAMES or self._set_acl(a, name, value):
+                self.db.execute("INSERT OR REPLACE INTO xattrs(ino, name, value) VALUES (?, ?, ?)",
+                                (ino, name, value))
             self._touch(ino, mtime=False)
 
     def listxattr(self, ino: int) -> list[bytes]:

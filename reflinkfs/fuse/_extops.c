@@ -133,7 +133,10 @@ static double g_entry_timeout = 1.0, g_attr_timeout = 1.0;   /* for the replies 
 static PyObject *h_open = NULL;            /* open(ino, flags, pid) -> fh | -errno | None */
 static PyObject *h_create = NULL;          /* create(parent, name, mode, flags, uid, gid, umask, pid)
                                               -> (fh, attributes) | -errno | None */
+static PyObject *h_tmpfile = NULL;         /* tmpfile(parent, mode, flags, uid, gid, umask, pid)
+                                              -> (fh, attributes) | -errno | None */
 static PyObject *h_release = NULL;         /* release(fh) -> 0 | errno | None */
+static int g_dont_mask = 0;                /* ask for FUSE_CAP_DONT_MASK at INIT (set_dont_mask) */
 static int g_direct_io = 0, g_keep_cache = 0;   /* for the replies of h_open / h_create */
 static int g_no_flush = 0;                 /* FLUSH is answered ENOSYS: the kernel sends no more */
 static PyObject *h_opendir = NULL;         /* opendir(ino) -> fh | -errno | None */
@@ -179,6 +182,10 @@ typedef void (*file_fn)(fuse_req_t, fuse_ino_t, struct fuse_file_info *);
 static file_fn orig_open = NULL, orig_flush = NULL, orig_release = NULL;
 typedef void (*create_fn)(fuse_req_t, fuse_ino_t, const char *, mode_t, struct fuse_file_info *);
 static create_fn orig_create = NULL;
+typedef void (*tmpfile_fn)(fuse_req_t, fuse_ino_t, mode_t, struct fuse_file_info *);
+static tmpfile_fn orig_tmpfile = NULL;
+typedef void (*init_fn)(void *, struct fuse_conn_info *);
+static init_fn orig_init = NULL;
 static file_fn orig_opendir = NULL, orig_releasedir = NULL;
 static read_fn orig_readdirplus = NULL;
 typedef void (*init_fn)(void *, struct fuse_conn_info *);
@@ -1025,6 +1032,23 @@ static void op_open(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi)
     meta_end(&c, res);
 }
 
+/* Reply a create's or tmpfile's result: (fh, attributes) or -errno. */
+static void reply_created(fuse_req_t req, PyObject *res, struct fuse_file_info *fi, const char *op)
+{
+    struct fuse_entry_param ep;
+    long long v;
+    if (result_fh(res, &v) == 0 && v < 0) {
+        fuse_reply_err(req, (int)-v);
+    } else if (!PyErr_Occurred() && res != NULL && PyTuple_Check(res) && PyTuple_GET_SIZE(res) == 2
+               && result_fh(PyTuple_GET_ITEM(res, 0), &v) == 0 && v >= 0
+               && fill_entry(PyTuple_GET_ITEM(res, 1), &ep) == 0) {
+        set_file_info(fi, v);
+        fuse_reply_create(req, &ep, fi);
+    } else {
+        reply_bad(req, op, res);
+    }
+}
+
 static void op_create(fuse_req_t req, fuse_ino_t parent, const char *name, mode_t mode,
                       struct fuse_file_info *fi)
 {
@@ -1035,21 +1059,43 @@ static void op_create(fuse_req_t req, fuse_ino_t parent, const char *name, mode_
                                       (Py_ssize_t)strlen(name), (unsigned int)mode, fi->flags,
                                       (unsigned int)ctx->uid, (unsigned int)ctx->gid,
                                       (unsigned int)ctx->umask, (unsigned long long)ctx->pid);
-    struct fuse_entry_param ep;
-    long long v;
-    if (res == Py_None) {
+    if (res == Py_None)
         PASS_ON(orig_create, req, parent, name, mode, fi);
-    } else if (result_fh(res, &v) == 0 && v < 0) {
-        fuse_reply_err(req, (int)-v);
-    } else if (!PyErr_Occurred() && res != NULL && PyTuple_Check(res) && PyTuple_GET_SIZE(res) == 2
-               && result_fh(PyTuple_GET_ITEM(res, 0), &v) == 0 && v >= 0
-               && fill_entry(PyTuple_GET_ITEM(res, 1), &ep) == 0) {
-        set_file_info(fi, v);
-        fuse_reply_create(req, &ep, fi);
-    } else {
-        reply_bad(req, "create", res);
-    }
+    else
+        reply_created(req, res, fi, "create");
     meta_end(&c, res);
+}
+
+/* O_TMPFILE (FUSE_TMPFILE, which pyfuse3 does not register): like create,
+ * without a name.  Without a handler the request gets ENOSYS, after which the
+ * kernel answers EOPNOTSUPP to every O_TMPFILE open on this mount. */
+static void op_tmpfile(fuse_req_t req, fuse_ino_t parent, mode_t mode, struct fuse_file_info *fi)
+{
+    meta_call c;
+    meta_begin(&c);
+    const struct fuse_ctx *ctx = fuse_req_ctx(req);
+    PyObject *res = meta_call_handler(h_tmpfile, "(KIiIIIK)", (unsigned long long)parent,
+                                      (unsigned int)mode, fi->flags, (unsigned int)ctx->uid,
+                                      (unsigned int)ctx->gid, (unsigned int)ctx->umask,
+                                      (unsigned long long)ctx->pid);
+    if (res == Py_None)
+        PASS_ON(orig_tmpfile, req, parent, mode, fi);
+    else
+        reply_created(req, res, fi, "tmpfile");
+    meta_end(&c, res);
+}
+
+/* pyfuse3's init, then FUSE_CAP_DONT_MASK if set_dont_mask() asked for it:
+ * the kernel then passes create, mkdir, mknod and tmpfile modes unmasked,
+ * with the umask beside them, and the filesystem applies the umask or the
+ * directory's default ACL itself (without it the kernel applies the umask
+ * even where a default ACL should replace it). */
+static void op_init(void *userdata, struct fuse_conn_info *conn)
+{
+    if (orig_init != NULL)
+        orig_init(userdata, conn);
+    if (g_dont_mask && (conn->capable & FUSE_CAP_DONT_MASK))
+        conn->want |= FUSE_CAP_DONT_MASK;
 }
 
 /* release or releasedir: handler(fh) -> 0 | errno | None. */
@@ -1230,6 +1276,8 @@ fuse_session_new_versioned(struct fuse_args *args, const struct fuse_lowlevel_op
     ROUTE(forget_multi);
     ROUTE(open);
     ROUTE(create);
+    ROUTE(tmpfile);
+    ROUTE(init);
     ROUTE(flush);
     ROUTE(release);
     ROUTE(opendir);
@@ -1431,21 +1479,31 @@ static PyObject *m_set_meta_handlers(PyObject *mod, PyObject *args, PyObject *kw
 static PyObject *m_set_file_handlers(PyObject *mod, PyObject *args, PyObject *kw)
 {
     static char *kwlist[] = {"open", "create", "release", "direct_io", "keep_cache", "no_flush",
-                             NULL};
-    PyObject *op = Py_None, *cr = Py_None, *rl = Py_None;
+                             "tmpfile", NULL};
+    PyObject *op = Py_None, *cr = Py_None, *rl = Py_None, *tf = Py_None;
     int dio = 0, kc = 0, nf = 0;
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "|OOOppp:set_file_handlers", kwlist,
-                                     &op, &cr, &rl, &dio, &kc, &nf))
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "|OOOpppO:set_file_handlers", kwlist,
+                                     &op, &cr, &rl, &dio, &kc, &nf, &tf))
         return NULL;
     if (check_callable(op, "open") < 0 || check_callable(cr, "create") < 0
-        || check_callable(rl, "release") < 0)
+        || check_callable(rl, "release") < 0 || check_callable(tf, "tmpfile") < 0)
         return NULL;
     put_slot(&h_open, op);
     put_slot(&h_create, cr);
+    put_slot(&h_tmpfile, tf);
     put_slot(&h_release, rl);
     g_direct_io = dio;
     g_keep_cache = kc;
     g_no_flush = nf;
+    Py_RETURN_NONE;
+}
+
+static PyObject *m_set_dont_mask(PyObject *mod, PyObject *arg)
+{
+    int v = PyObject_IsTrue(arg);
+    if (v < 0)
+        return NULL;
+    g_dont_mask = v;
     Py_RETURN_NONE;
 }
 
@@ -1554,7 +1612,14 @@ static PyMethodDef module_methods[] = {
      "release(fh) -> 0 | errno | None.  Called synchronously; the file info replied\n"
      "carries direct_io and keep_cache.  None passes the request to pyfuse3's\n"
      "handler.  no_flush=True answers FLUSH with ENOSYS, so the kernel stops\n"
-     "sending it (for a filesystem whose flush does nothing)."},
+     "sending it (for a filesystem whose flush does nothing).\n"
+     "tmpfile(parent, mode, flags, uid, gid, umask, pid) answers O_TMPFILE as create\n"
+     "does (without a handler: ENOSYS, and the kernel refuses O_TMPFILE)."},
+    {"set_dont_mask", m_set_dont_mask, METH_O,
+     "set_dont_mask(flag)\n\n"
+     "Ask the kernel at INIT for FUSE_CAP_DONT_MASK: create, mkdir, mknod and tmpfile\n"
+     "then get the mode unmasked and the umask beside it.  Call before the INIT\n"
+     "request is processed (before pyfuse3.main())."},
     {"set_dir_handlers", (PyCFunction)(void (*)(void))m_set_dir_handlers, METH_VARARGS | METH_KEYWORDS,
      "set_dir_handlers(opendir=None, readdir=None, releasedir=None, looked_up=None)\n\n"
      "opendir(ino) -> fh | -errno | None; releasedir(fh) -> 0 | errno | None;\n"

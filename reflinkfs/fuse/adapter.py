@@ -29,6 +29,7 @@ import time
 import pyfuse3
 import trio
 
+from ..core import acl
 from ..core.volume import Attr, Volume
 from ..errors import FsError
 
@@ -87,7 +88,7 @@ class Handle:
 
 class Operations(pyfuse3.Operations):
     enable_writeback_cache = False
-    enable_acl = False
+    enable_acl = False      # mount.py turns it on when extops can have modes passed unmasked (set_dont_mask)
 
     def __init__(self, volume: Volume, direct_io: bool = True, status=None):
         super().__init__()
@@ -153,9 +154,19 @@ class Operations(pyfuse3.Operations):
     def create_now(self, parent: int, name: bytes, mode: int, flags: int, uid: int, gid: int, umask: int,
                    pid: int):
         try:
-            fh, a = self._create(parent, name, mode & ~umask, flags, uid, gid, pid)
+            fh, a = self._create(parent, name, mode, umask, flags, uid, gid, pid)
         except Exception as e:
             return -_errno_of(e, "create", (parent, name))
+        return fh, self.stat_tuple(a)
+
+    def tmpfile_now(self, parent: int, mode: int, flags: int, uid: int, gid: int, umask: int, pid: int):
+        """open(dir, O_TMPFILE): a file in no directory, open; the kernel counts the entry as a lookup."""
+        try:
+            a = self.vol.tmpfile(parent, mode, uid, gid, umask)
+            fh = self._new_handle(a.ino, flags, pid)
+            self.vol.looked_up(a.ino)
+        except Exception as e:
+            return -_errno_of(e, "tmpfile", (parent, mode))
         return fh, self.stat_tuple(a)
 
     def release_now(self, fh: int) -> int:
@@ -260,11 +271,11 @@ class Operations(pyfuse3.Operations):
 
     @_translate
     async def mknod(self, parent_inode, name, mode, rdev, ctx):
-        return self._ref(self.vol.mknod(parent_inode, name, mode, ctx.uid, ctx.gid, rdev))
+        return self._ref(self.vol.mknod(parent_inode, name, mode, ctx.uid, ctx.gid, rdev, umask=ctx.umask))
 
     @_translate
     async def mkdir(self, parent_inode, name, mode, ctx):
-        return self._ref(self.vol.mkdir(parent_inode, name, mode & ~ctx.umask, ctx.uid, ctx.gid))
+        return self._ref(self.vol.mkdir(parent_inode, name, mode, ctx.uid, ctx.gid, umask=ctx.umask))
 
     @_translate
     async def unlink(self, parent_inode, name, ctx):
@@ -386,12 +397,12 @@ class Operations(pyfuse3.Operations):
             await self._clone_from(inode, value, ctx)
         elif name.startswith(VIRTUAL):
             raise FsError(errno.EPERM, "reflinkfs attributes are read-only")
-        elif name.startswith(b"system."):
-            # POSIX ACLs (system.posix_acl_*) are not implemented: storing them as plain bytes would
-            # report success while the mode stays unchanged (cp -a sets modes through an ACL)
+        elif name.startswith(b"system.") and not (self.enable_acl and name in acl.NAMES):
+            # POSIX ACLs only when the kernel enforces them (enable_acl, see mount.py): stored as plain
+            # bytes they would report success while nothing changes (cp -a sets modes through an ACL)
             raise FsError(errno.EOPNOTSUPP, "system.* attributes are not supported")
         else:
-            self.vol.setxattr(inode, name, value)
+            self.vol.setxattr(inode, name, value)       # an ACL is checked, and sets the mode (core/acl.py)
 
     @_translate
     async def listxattr(self, inode, ctx):
@@ -401,6 +412,8 @@ class Operations(pyfuse3.Operations):
     async def removexattr(self, inode, name, ctx):
         if name.startswith(VIRTUAL):
             raise FsError(errno.EPERM, "reflinkfs attributes are read-only")
+        if name.startswith(b"system.") and not (self.enable_acl and name in acl.NAMES):
+            raise FsError(errno.EOPNOTSUPP, "system.* attributes are not supported")
         self.vol.removexattr(inode, name)
 
     def _virtual_xattr(self, inode: int, name: bytes) -> bytes:
@@ -478,13 +491,14 @@ class Operations(pyfuse3.Operations):
 
     @_translate
     async def create(self, parent_inode, name, mode, flags, ctx):
-        fh, a = self._create(parent_inode, name, mode & ~ctx.umask, flags, ctx.uid, ctx.gid, ctx.pid)
+        fh, a = self._create(parent_inode, name, mode, ctx.umask, flags, ctx.uid, ctx.gid, ctx.pid)
         return self._file_info(fh), self.entry(a)
 
-    def _create(self, parent: int, name: bytes, mode: int, flags: int, uid: int, gid: int,
+    def _create(self, parent: int, name: bytes, mode: int, umask: int, flags: int, uid: int, gid: int,
                 pid: int) -> tuple[int, Attr]:
-        """Create and open a file; the kernel counts the entry it gets as a lookup (see _ref)."""
-        a = self.vol.create(parent, name, mode, uid, gid)
+        """Create and open a file; the kernel counts the entry it gets as a lookup (see _ref). The core
+        applies the umask, or the directory's default ACL instead."""
+        a = self.vol.create(parent, name, mode, uid, gid, umask=umask)
         fh = self._new_handle(a.ino, flags, pid)
         self.vol.looked_up(a.ino)
         return fh, a

@@ -99,10 +99,18 @@ fail or None to pass the request on to pyfuse3; ``forget(list of (ino, nlookup))
 :func:`set_file_handlers` does it for opening and closing files: ``open(ino, flags, pid)`` returns
 the new file handle or ``-errno``, ``create(parent, name, mode, flags, uid, gid, umask, pid)``
 returns ``(fh, attributes)`` (attributes as lookup returns them) or ``-errno``, and
-``release(fh)`` returns 0 or an errno; None passes the request on.  The file info replied carries
+``release(fh)`` returns 0 or an errno; None passes the request on.  ``tmpfile(parent, mode, flags,
+uid, gid, umask, pid)`` answers an ``O_TMPFILE`` open (FUSE_TMPFILE, which pyfuse3 does not register)
+as create does; without it the request gets ENOSYS, and the kernel then refuses ``O_TMPFILE`` on the
+mount with EOPNOTSUPP.  The file info replied carries
 the ``direct_io`` and ``keep_cache`` given to ``set_file_handlers``.  With ``no_flush=True`` a
 FLUSH is answered ENOSYS, which tells the kernel that close() has nothing to wait for here: it sends
 no FLUSH again on that mount (for a filesystem whose flush does nothing).
+
+:func:`set_dont_mask` wraps pyfuse3's ``init`` to ask for ``FUSE_CAP_DONT_MASK``: the kernel then
+sends create, mkdir, mknod and tmpfile modes unmasked, with the umask beside them, and the
+filesystem applies the umask, or the directory's default ACL instead (POSIX ACLs need it: without
+it the kernel applies the umask itself, even where a default ACL should replace it).
 
 :func:`set_dir_handlers` does it for listing directories: ``opendir(ino)`` and ``releasedir(fh)``
 answer as open and release do, and ``readdir(fh, off, size)`` returns the entries from ``off`` on,
@@ -140,6 +148,7 @@ __all__ = [
     "set_meta_handlers",
     "set_file_handlers",
     "set_dir_handlers",
+    "set_dont_mask",
     "set_chain_wait",
     "interposed",
     "counts",
@@ -315,11 +324,18 @@ def set_meta_handlers(lookup=None, getattr=None, unlink=None, forget=None,
 
 
 def set_file_handlers(open=None, create=None, release=None, direct_io: bool = False,
-                      keep_cache: bool = False, no_flush: bool = False) -> None:
-    """Serve open, create and release synchronously, and with no_flush answer FLUSH with ENOSYS (see
-    "Reads and writes" above); a handler left None gives its requests back to pyfuse3."""
+                      keep_cache: bool = False, no_flush: bool = False, tmpfile=None) -> None:
+    """Serve open, create, tmpfile and release synchronously, and with no_flush answer FLUSH with ENOSYS
+    (see "Reads and writes" above); a handler left None gives its requests back to pyfuse3 (tmpfile:
+    ENOSYS)."""
     _require().set_file_handlers(open=open, create=create, release=release, direct_io=direct_io,
-                                 keep_cache=keep_cache, no_flush=no_flush)
+                                 keep_cache=keep_cache, no_flush=no_flush, tmpfile=tmpfile)
+
+
+def set_dont_mask(flag: bool) -> None:
+    """Ask the kernel for unmasked creation modes (FUSE_CAP_DONT_MASK, see above). Takes effect at the
+    INIT request: call it after pyfuse3.init() and before pyfuse3.main()."""
+    _require().set_dont_mask(flag)
 
 
 def set_dir_handlers(opendir=None, readdir=None, releasedir=None, looked_up=None) -> None:

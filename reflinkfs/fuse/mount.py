@@ -78,7 +78,12 @@ def run(opts: MountOptions, ready=None) -> int:
                                          attr_timeout=ATTR_TIMEOUT)
                 # ops.flush does nothing: no_flush spares every close() a FLUSH round trip
                 extops.set_file_handlers(open=ops.open_now, create=ops.create_now, release=ops.release_now,
-                                         direct_io=ops.direct_io, keep_cache=False, no_flush=True)
+                                         direct_io=ops.direct_io, keep_cache=False, no_flush=True,
+                                         tmpfile=ops.tmpfile_now)
+                # POSIX ACLs: the kernel enforces them (FUSE_POSIX_ACL, asked for at INIT by pyfuse3 when
+                # enable_acl is set) and the daemon applies default ACLs, which needs unmasked modes
+                extops.set_dont_mask(True)
+                ops.enable_acl = True
                 extops.set_dir_handlers(opendir=ops.opendir_now, readdir=ops.readdir_now,
                                         releasedir=ops.releasedir_now, looked_up=volume.looked_up)
             else:

@@ -744,19 +744,22 @@ def test_xattrs(workdir):
     assert errno_of(os.getxattr, workdir / "missing", "user.a") == errno.ENOENT
 
 
-def test_acl_xattrs_are_refused(workdir):
-    """No POSIX ACLs: setting one must fail (EOPNOTSUPP) so that tools fall back to chmod, as they do
-    on a filesystem mounted without ACLs, instead of storing bytes that change nothing."""
+def test_acl_xattrs_are_checked_and_other_system_xattrs_refused(workdir):
+    """POSIX ACLs are supported (tests/mount/test_acl.py): an ACL the mode says all of sets the mode and
+    is not stored, as on ext4; a malformed one is refused, as is a default ACL on a file and any other
+    system.* attribute."""
     f = workdir / "f"
     write_file(f, b"x", 0o600)
     # the ACL `cp -a` writes for mode 0644: user::rw- group::r-- other::r--
     acl = bytes.fromhex("02000000" "01000600ffffffff" "04000400ffffffff" "20000400ffffffff")
-    assert errno_of(os.setxattr, f, "system.posix_acl_access", acl) == errno.EOPNOTSUPP
-    assert errno_of(os.setxattr, workdir, "system.posix_acl_default", acl) == errno.EOPNOTSUPP
-    assert errno_of(os.getxattr, f, "system.posix_acl_access") in (errno.ENODATA, errno.EOPNOTSUPP)
-    assert stat.S_IMODE(os.stat(f).st_mode) == 0o600
+    os.setxattr(f, "system.posix_acl_access", acl)
+    assert stat.S_IMODE(os.stat(f).st_mode) == 0o644
+    assert errno_of(os.getxattr, f, "system.posix_acl_access") == errno.ENODATA
     assert own_xattrs(f) == []
-    # and so cp -a (which tries the ACL first) ends with the right mode
+    assert errno_of(os.setxattr, f, "system.posix_acl_access", acl[:-1]) == errno.EINVAL
+    assert errno_of(os.setxattr, f, "system.posix_acl_default", acl) == errno.EACCES
+    assert errno_of(os.setxattr, f, "system.other", b"v") == errno.EOPNOTSUPP
+    # and cp -a copies the mode
     os.chmod(f, 0o754)
     subprocess.run(["cp", "-a", str(f), str(workdir / "copy")], check=True)
     assert stat.S_IMODE(os.stat(workdir / "copy").st_mode) == 0o754
