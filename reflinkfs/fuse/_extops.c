@@ -184,8 +184,6 @@ typedef void (*create_fn)(fuse_req_t, fuse_ino_t, const char *, mode_t, struct f
 static create_fn orig_create = NULL;
 typedef void (*tmpfile_fn)(fuse_req_t, fuse_ino_t, mode_t, struct fuse_file_info *);
 static tmpfile_fn orig_tmpfile = NULL;
-typedef void (*init_fn)(void *, struct fuse_conn_info *);
-static init_fn orig_init = NULL;
 static file_fn orig_opendir = NULL, orig_releasedir = NULL;
 static read_fn orig_readdirplus = NULL;
 typedef void (*init_fn)(void *, struct fuse_conn_info *);
@@ -1085,19 +1083,6 @@ static void op_tmpfile(fuse_req_t req, fuse_ino_t parent, mode_t mode, struct fu
     meta_end(&c, res);
 }
 
-/* pyfuse3's init, then FUSE_CAP_DONT_MASK if set_dont_mask() asked for it:
- * the kernel then passes create, mkdir, mknod and tmpfile modes unmasked,
- * with the umask beside them, and the filesystem applies the umask or the
- * directory's default ACL itself (without it the kernel applies the umask
- * even where a default ACL should replace it). */
-static void op_init(void *userdata, struct fuse_conn_info *conn)
-{
-    if (orig_init != NULL)
-        orig_init(userdata, conn);
-    if (g_dont_mask && (conn->capable & FUSE_CAP_DONT_MASK))
-        conn->want |= FUSE_CAP_DONT_MASK;
-}
-
 /* release or releasedir: handler(fh) -> 0 | errno | None. */
 static void release_with(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi,
                          PyObject *handler, file_fn orig, const char *op)
@@ -1220,16 +1205,24 @@ static void op_releasedir(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info 
 
 /* ---- init --------------------------------------------------------------- */
 
-/* pyfuse3's init asks for what pyfuse3 knows; then ask for shared mappings of
- * direct_io files (FUSE_CAP_DIRECT_IO_ALLOW_MMAP, kernel >= 6.6): without it
- * the kernel refuses MAP_SHARED of every file opened with direct_io (ENODEV).
- * With it, the kernel keeps a mapped inode's page cache coherent with direct
- * reads and writes itself: a direct read or write first writes back the dirty
- * pages of its range, and a direct write drops the cached pages it covers. */
+/* pyfuse3's init asks for what pyfuse3 knows; then:
+ * - FUSE_CAP_DONT_MASK if set_dont_mask() asked for it: the kernel then
+ *   passes create, mkdir, mknod and tmpfile modes unmasked, with the umask
+ *   beside them, and the filesystem applies the umask or the directory's
+ *   default ACL itself (without it the kernel applies the umask even where a
+ *   default ACL should replace it);
+ * - shared mappings of direct_io files (FUSE_CAP_DIRECT_IO_ALLOW_MMAP, kernel
+ *   >= 6.6): without it the kernel refuses MAP_SHARED of every file opened
+ *   with direct_io (ENODEV).  With it, the kernel keeps a mapped inode's page
+ *   cache coherent with direct reads and writes itself: a direct read or
+ *   write first writes back the dirty pages of its range, and a direct write
+ *   drops the cached pages it covers. */
 static void op_init(void *userdata, struct fuse_conn_info *conn)
 {
     if (orig_init != NULL)
         orig_init(userdata, conn);
+    if (g_dont_mask && (conn->capable & FUSE_CAP_DONT_MASK))
+        conn->want |= FUSE_CAP_DONT_MASK;
     if (conn->capable & FUSE_CAP_DIRECT_IO_ALLOW_MMAP)
         conn->want |= FUSE_CAP_DIRECT_IO_ALLOW_MMAP;
     g_allow_mmap = (conn->want & FUSE_CAP_DIRECT_IO_ALLOW_MMAP) != 0;
@@ -1277,7 +1270,6 @@ fuse_session_new_versioned(struct fuse_args *args, const struct fuse_lowlevel_op
     ROUTE(open);
     ROUTE(create);
     ROUTE(tmpfile);
-    ROUTE(init);
     ROUTE(flush);
     ROUTE(release);
     ROUTE(opendir);
