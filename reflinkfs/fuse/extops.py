@@ -104,6 +104,12 @@ the ``direct_io`` and ``keep_cache`` given to ``set_file_handlers``.  With ``no_
 FLUSH is answered ENOSYS, which tells the kernel that close() has nothing to wait for here: it sends
 no FLUSH again on that mount (for a filesystem whose flush does nothing).
 
+:func:`set_lseek_handler` does it for lseek(2)'s SEEK_DATA and SEEK_HOLE, the only whence values the
+kernel sends to a daemon (it does SEEK_SET, SEEK_CUR and SEEK_END itself; the C side answers any other
+EINVAL): ``lseek(fh, off, whence)`` returns the new offset or ``-errno``, or None to pass the request on
+to pyfuse3, which has no lseek and answers ENOSYS; the kernel then answers SEEK_DATA and SEEK_HOLE on
+that mount itself, as if the whole file were data, and never asks again.
+
 :func:`set_dir_handlers` does it for listing directories: ``opendir(ino)`` and ``releasedir(fh)``
 answer as open and release do, and ``readdir(fh, off, size)`` returns the entries from ``off`` on,
 as many as may fit in ``size`` bytes, as a list of ``(name, attributes, next_off)`` (or an errno, or
@@ -139,6 +145,7 @@ __all__ = [
     "set_write_handler",
     "set_meta_handlers",
     "set_file_handlers",
+    "set_lseek_handler",
     "set_dir_handlers",
     "set_chain_wait",
     "interposed",
@@ -313,6 +320,12 @@ def set_file_handlers(open=None, create=None, release=None, direct_io: bool = Fa
     "Reads and writes" above); a handler left None gives its requests back to pyfuse3."""
     _require().set_file_handlers(open=open, create=create, release=release, direct_io=direct_io,
                                  keep_cache=keep_cache, no_flush=no_flush)
+
+
+def set_lseek_handler(lseek: Callable[[int, int, int], Any] | None) -> None:
+    """Answer SEEK_DATA and SEEK_HOLE with ``lseek(fh, off, whence)`` (see "Reads and writes" above), or
+    give them back to pyfuse3 (None), which answers ENOSYS."""
+    _require().set_lseek_handler(lseek)
 
 
 def set_dir_handlers(opendir=None, readdir=None, releasedir=None, looked_up=None) -> None:

@@ -78,6 +78,7 @@ def run(opts: MountOptions, ready=None) -> int:
                 # ops.flush does nothing: no_flush spares every close() a FLUSH round trip
                 extops.set_file_handlers(open=ops.open_now, create=ops.create_now, release=ops.release_now,
                                          direct_io=ops.direct_io, keep_cache=False, no_flush=True)
+                extops.set_lseek_handler(ops.lseek_now)      # SEEK_DATA / SEEK_HOLE from the extent maps
                 extops.set_dir_handlers(opendir=ops.opendir_now, readdir=ops.readdir_now,
                                         releasedir=ops.releasedir_now, looked_up=volume.looked_up)
             else:
