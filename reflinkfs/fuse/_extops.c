@@ -137,6 +137,7 @@ static PyObject *h_tmpfile = NULL;         /* tmpfile(parent, mode, flags, uid, 
                                               -> (fh, attributes) | -errno | None */
 static PyObject *h_release = NULL;         /* release(fh) -> 0 | errno | None */
 static int g_dont_mask = 0;                /* ask for FUSE_CAP_DONT_MASK at INIT (set_dont_mask) */
+static PyObject *h_lseek = NULL;           /* lseek(fh, off, whence) -> offset | -errno | None */
 static int g_direct_io = 0, g_keep_cache = 0;   /* for the replies of h_open / h_create */
 static int g_no_flush = 0;                 /* FLUSH is answered ENOSYS: the kernel sends no more */
 static PyObject *h_opendir = NULL;         /* opendir(ino) -> fh | -errno | None */
@@ -184,6 +185,8 @@ typedef void (*create_fn)(fuse_req_t, fuse_ino_t, const char *, mode_t, struct f
 static create_fn orig_create = NULL;
 typedef void (*tmpfile_fn)(fuse_req_t, fuse_ino_t, mode_t, struct fuse_file_info *);
 static tmpfile_fn orig_tmpfile = NULL;
+typedef void (*lseek_fn)(fuse_req_t, fuse_ino_t, off_t, int, struct fuse_file_info *);
+static lseek_fn orig_lseek = NULL;               /* NULL: pyfuse3 has no lseek */
 static file_fn orig_opendir = NULL, orig_releasedir = NULL;
 static read_fn orig_readdirplus = NULL;
 typedef void (*init_fn)(void *, struct fuse_conn_info *);
@@ -1110,6 +1113,34 @@ static void op_flush(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi)
     }
 }
 
+/* lseek: only SEEK_DATA and SEEK_HOLE reach a daemon (the kernel does the
+ * others itself); anything else is answered EINVAL.  Once set_lseek_handler()
+ * registers it, lseek(fh, off, whence) returns the new offset (>= 0) or
+ * -errno; None passes the request on to pyfuse3, which has no lseek: ENOSYS,
+ * after which the kernel answers SEEK_DATA/SEEK_HOLE on this mount itself
+ * (the whole file is data) and asks no more. */
+static void op_lseek(fuse_req_t req, fuse_ino_t ino, off_t off, int whence, struct fuse_file_info *fi)
+{
+    if (whence != SEEK_DATA && whence != SEEK_HOLE) {
+        fuse_reply_err(req, EINVAL);
+        return;
+    }
+    meta_call c;
+    meta_begin(&c);
+    PyObject *res = meta_call_handler(h_lseek, "(KLi)", (unsigned long long)(fi ? fi->fh : 0),
+                                      (long long)off, whence);
+    long long v;
+    if (res == Py_None)
+        PASS_ON(orig_lseek, req, ino, off, whence, fi);
+    else if (result_fh(res, &v) < 0)
+        reply_bad(req, "lseek", res);
+    else if (v < 0)
+        fuse_reply_err(req, (int)-v);
+    else
+        fuse_reply_lseek(req, (off_t)v);
+    meta_end(&c, res);
+}
+
 /* ---- opendir, readdirplus, releasedir ------------------------------------ */
 
 /* Once set_dir_handlers() registers them, listing a directory is answered
@@ -1272,6 +1303,7 @@ fuse_session_new_versioned(struct fuse_args *args, const struct fuse_lowlevel_op
     ROUTE(tmpfile);
     ROUTE(flush);
     ROUTE(release);
+    ROUTE(lseek);
     ROUTE(opendir);
     ROUTE(readdirplus);
     ROUTE(releasedir);
@@ -1443,6 +1475,11 @@ static PyObject *m_set_write_handler(PyObject *mod, PyObject *arg)
     return set_slot(&h_write, arg, "write");
 }
 
+static PyObject *m_set_lseek_handler(PyObject *mod, PyObject *arg)
+{
+    return set_slot(&h_lseek, arg, "lseek");
+}
+
 static PyObject *m_set_meta_handlers(PyObject *mod, PyObject *args, PyObject *kw)
 {
     static char *kwlist[] = {"lookup", "getattr", "unlink", "forget", "entry_timeout",
@@ -1587,6 +1624,11 @@ static PyMethodDef module_methods[] = {
      "every write; data is bytes, or a WriteData (read-only buffer, no copy) for a\n"
      "big write; None passes the request to pyfuse3's handler; None as write gives\n"
      "writes back to pyfuse3.  An exception replies EIO (see last_exception())."},
+    {"set_lseek_handler", m_set_lseek_handler, METH_O,
+     "set_lseek_handler(lseek)\n\n"
+     "lseek(fh, off, whence) -> offset | -errno | None, called synchronously for\n"
+     "SEEK_DATA and SEEK_HOLE (any other whence is answered EINVAL); None passes the\n"
+     "request to pyfuse3, which answers ENOSYS.  An exception replies EIO."},
     {"set_meta_handlers", (PyCFunction)(void (*)(void))m_set_meta_handlers, METH_VARARGS | METH_KEYWORDS,
      "set_meta_handlers(lookup=None, getattr=None, unlink=None, forget=None,\n"
      "                  entry_timeout=1.0, attr_timeout=1.0)\n\n"

@@ -176,6 +176,14 @@ class Operations(pyfuse3.Operations):
             return _errno_of(e, "release", (fh,))
         return 0
 
+    def lseek_now(self, fh: int, off: int, whence: int) -> int:
+        """SEEK_DATA / SEEK_HOLE for extops (set_lseek_handler): the new offset, or -errno (ENXIO when no
+        data or hole follows, as lseek(2) says)."""
+        try:
+            return self.vol.seek(self.handle(fh).ino, off, whence)
+        except Exception as e:
+            return -_errno_of(e, "lseek", (fh, off, whence))
+
     def forget_now(self, inode_list) -> None:
         for ino, nlookup in inode_list:
             try:

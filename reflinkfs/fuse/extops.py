@@ -111,6 +111,11 @@ no FLUSH again on that mount (for a filesystem whose flush does nothing).
 sends create, mkdir, mknod and tmpfile modes unmasked, with the umask beside them, and the
 filesystem applies the umask, or the directory's default ACL instead (POSIX ACLs need it: without
 it the kernel applies the umask itself, even where a default ACL should replace it).
+:func:`set_lseek_handler` does it for lseek(2)'s SEEK_DATA and SEEK_HOLE, the only whence values the
+kernel sends to a daemon (it does SEEK_SET, SEEK_CUR and SEEK_END itself; the C side answers any other
+EINVAL): ``lseek(fh, off, whence)`` returns the new offset or ``-errno``, or None to pass the request on
+to pyfuse3, which has no lseek and answers ENOSYS; the kernel then answers SEEK_DATA and SEEK_HOLE on
+that mount itself, as if the whole file were data, and never asks again.
 
 :func:`set_dir_handlers` does it for listing directories: ``opendir(ino)`` and ``releasedir(fh)``
 answer as open and release do, and ``readdir(fh, off, size)`` returns the entries from ``off`` on,
@@ -147,6 +152,7 @@ __all__ = [
     "set_write_handler",
     "set_meta_handlers",
     "set_file_handlers",
+    "set_lseek_handler",
     "set_dir_handlers",
     "set_dont_mask",
     "set_chain_wait",
@@ -336,6 +342,12 @@ def set_dont_mask(flag: bool) -> None:
     """Ask the kernel for unmasked creation modes (FUSE_CAP_DONT_MASK, see above). Takes effect at the
     INIT request: call it after pyfuse3.init() and before pyfuse3.main()."""
     _require().set_dont_mask(flag)
+
+
+def set_lseek_handler(lseek: Callable[[int, int, int], Any] | None) -> None:
+    """Answer SEEK_DATA and SEEK_HOLE with ``lseek(fh, off, whence)`` (see "Reads and writes" above), or
+    give them back to pyfuse3 (None), which answers ENOSYS."""
+    _require().set_lseek_handler(lseek)
 
 
 def set_dir_handlers(opendir=None, readdir=None, releasedir=None, looked_up=None) -> None:

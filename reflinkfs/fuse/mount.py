@@ -84,6 +84,7 @@ def run(opts: MountOptions, ready=None) -> int:
                 # enable_acl is set) and the daemon applies default ACLs, which needs unmasked modes
                 extops.set_dont_mask(True)
                 ops.enable_acl = True
+                extops.set_lseek_handler(ops.lseek_now)      # SEEK_DATA / SEEK_HOLE from the extent maps
                 extops.set_dir_handlers(opendir=ops.opendir_now, readdir=ops.readdir_now,
                                         releasedir=ops.releasedir_now, looked_up=volume.looked_up)
             else:

@@ -34,6 +34,12 @@ MODE "dirs": 400 more files (n000..n399), and opendir, readdirplus and
 releasedir go to handlers registered with extops.set_dir_handlers: opendir_now
 answers fh 7 for the root, readdir_now returns ".", ".." and the names from the
 offset on, as many as may fit, and looked_up logs every entry extops counts.
+MODE "lseek": SEEK_DATA and SEEK_HOLE go to a handler registered with
+extops.set_lseek_handler: on "src" SEEK_DATA answers off + 1 and SEEK_HOLE the
+size, and from offset 8192 on it passes the request on (None: pyfuse3 has no
+lseek, so ENOSYS, and the kernel answers itself from then on); "dst" answers
+-ENXIO; on "drop" SEEK_DATA raises and SEEK_HOLE returns a malformed result
+(both must fail with EIO).
 
 Every handler call and every write is appended to LOGFILE as a JSON line.
 """
@@ -336,6 +342,18 @@ class ToyFS(pyfuse3.Operations):
         self.log(event="write_now", ino=fh, off=off, size=len(data), type=type(data).__name__)
         return len(data)
 
+    def lseek_now(self, fh, off, whence):
+        self.log(event="lseek_now", fh=fh, off=off, whence=whence)
+        if fh == self.names[b"drop"]:
+            if whence == os.SEEK_DATA:
+                raise ValueError("lseek handler failure (expected by the test)")
+            return ("not", "an offset")
+        if fh == self.names[b"dst"]:
+            return -errno.ENXIO
+        if off >= 8192:
+            return None
+        return off + 1 if whence == os.SEEK_DATA else len(self.data[fh])
+
     def raising_copy_file_range(self, req, *args):
         self.log(event="copy_file_range", raised=True, args=list(args),
                  counts=extops.counts())
@@ -381,6 +399,8 @@ def main():
             fs.data[ino] = bytearray(b"x" * i)
         extops.set_dir_handlers(opendir=fs.opendir_now, readdir=fs.readdir_now,
                                 releasedir=fs.releasedir_now, looked_up=fs.looked_up)
+    elif mode == "lseek":
+        extops.set_lseek_handler(fs.lseek_now)
     elif mode == "writev":
         fs.direct_io = True
         extops.set_write_handler(fs.write_now)

@@ -508,3 +508,30 @@ def test_load_after_pyfuse3_is_refused():
     r = subprocess.run([sys.executable, "-c", LOAD_AFTER_PYFUSE3],
                        capture_output=True, text=True, timeout=60)
     assert r.returncode == 0 and r.stdout.strip() == "OK", r.stdout + r.stderr
+
+
+def test_lseek_handler_answers_seek_data_and_hole_errnos_and_passes_on(tmp_path):
+    with toy_mount(tmp_path, "lseek") as m:
+        fds = {name: os.open(m.path(name), os.O_RDONLY) for name in ("src", "dst", "drop")}
+        try:
+            src = fds["src"]
+            assert os.lseek(src, 100, os.SEEK_DATA) == 101          # the handler's answer, not the kernel's
+            assert os.lseek(src, 100, os.SEEK_HOLE) == len(SRC_DATA)
+            assert os.lseek(src, 5, os.SEEK_SET) == 5                # never sent to the daemon
+            for name, whence, code in (("dst", os.SEEK_DATA, errno.ENXIO), ("drop", os.SEEK_DATA, errno.EIO),
+                                       ("drop", os.SEEK_HOLE, errno.EIO)):
+                with pytest.raises(OSError) as ei:
+                    os.lseek(fds[name], 0, whence)
+                assert ei.value.errno == code, (name, whence)
+            # passed on: pyfuse3 answers ENOSYS, and the kernel answers itself from then on (all data)
+            assert os.lseek(src, 9000, os.SEEK_HOLE) == len(SRC_DATA)
+            assert os.lseek(src, 100, os.SEEK_DATA) == 100
+        finally:
+            for fd in fds.values():
+                os.close(fd)
+    calls = [(r["fh"], r["off"], r["whence"]) for r in m.records("lseek_now")]
+    assert calls == [(2, 100, os.SEEK_DATA), (2, 100, os.SEEK_HOLE), (3, 0, os.SEEK_DATA),
+                     (4, 0, os.SEEK_DATA), (4, 0, os.SEEK_HOLE), (2, 9000, os.SEEK_HOLE)]
+    (exit_rec,) = m.records("exit")
+    assert exit_rec["counts"]["default_replies"] == 2
+    assert "lseek handler returned" in exit_rec["last_exception"]

@@ -144,25 +144,41 @@ def test_cp_a_tree_shares_every_file(fs, workdir):
     assert stat.S_IMODE(os.stat(workdir / "copy" / "a" / "odd").st_mode) == 0o600
 
 
-def test_cp_of_a_file_with_holes_shares_with_sparse_never(fs, workdir):
-    """cp 9.x copies a file that looks sparse (fewer blocks than its size) with reads, writes and
-    holes, without copy_file_range, whatever --reflink says (that is cp, not the mount). With
-    --sparse=never it uses copy_file_range per data region and the clone keeps the holes."""
+def test_cp_of_a_file_with_holes_copies_its_data_regions(fs, workdir):
+    """cp 9.1 walks a file that looks sparse (fewer blocks than its size) with SEEK_DATA/SEEK_HOLE,
+    which the mount answers from the extent map (test_seek.py). --sparse=auto, the default, reads and
+    writes each data region and skips the holes, without copy_file_range whatever --reflink says (that
+    is cp, not the mount): nothing is shared. --sparse=never copies each data region with
+    copy_file_range (shared) and writes zeros for the holes, as never says. `reflinkfs clone` shares
+    the whole file and keeps its holes."""
     src = workdir / "holey"
     with open(src, "wb") as f:
         f.write(rnd(BS, 1))
         f.seek(64 * BS)
         f.write(rnd(BS + 5, 2))
     data = read_file(src)
+    src_map = block_map(src)
+    assert sorted(src_map) == [0, 64, 65]
+    before = counters(fs.mnt)
     cp(src, workdir / "auto")
+    moved = delta(before, counters(fs.mnt))
+    assert (moved["cfr_requests"], moved["bytes_written"]) == (0, 3 * BS), moved
+    assert sorted(block_map(workdir / "auto")) == [0, 64, 65]
     assert read_file(workdir / "auto") == data
     before = counters(fs.mnt)
     cp("--sparse=never", src, workdir / "never")
     moved = delta(before, counters(fs.mnt))
-    assert (moved["bytes_read"], moved["bytes_written"]) == (0, 0), moved
-    assert block_map(workdir / "never") == block_map(src)
-    assert sorted(block_map(src)) == [0, 64, 65]
+    assert (moved["bytes_read"], moved["bytes_written"], moved["clones"]) == (0, 63 * BS, 2), moved
+    never = block_map(workdir / "never")
+    assert sorted(never) == list(range(66))
+    assert {lb: never[lb][0] for lb in src_map} == {lb: pb for lb, (pb, _) in src_map.items()}
     assert read_file(workdir / "never") == data
+    before = counters(fs.mnt)
+    cli_ok("clone", src, workdir / "clone")
+    moved = delta(before, counters(fs.mnt))
+    assert (moved["bytes_read"], moved["bytes_written"]) == (0, 0), moved
+    assert block_map(workdir / "clone") == {lb: (pb, 3) for lb, (pb, _) in src_map.items()}
+    assert read_file(workdir / "clone") == data
 
 
 # -- what cannot work on any FUSE filesystem --------------------------------------------------------
@@ -395,6 +411,10 @@ class Model:
         cp(*args, self.p(src), self.p(dst))
         self.files[dst] = bytearray(self.files[src])
 
+    def clone(self, src, dst):
+        cli_ok("clone", self.p(src), self.p(dst))
+        self.files[dst] = bytearray(self.files[src])
+
     def pwrite(self, name, off, data: bytes):
         fd = os.open(self.p(name), os.O_WRONLY)
         try:
@@ -502,10 +522,11 @@ def test_writes_after_a_clone_never_reach_the_other_copy(mounts):
     step("write past a's old end", f.pwrite, "a", 12 * BS + 100, b"far")
     step("punch a hole in b", f.punch, "b", 2 * BS + 100, 3 * BS)
     step("punch whole blocks of b", f.punch, "b", 6 * BS, 2 * BS)
-    # b has holes now, so cp would copy it with read/write; --sparse=never makes it clone
+    # b has holes now: cp would copy its data regions with read/write (and with --sparse=never fill
+    # its holes with zeros); reflinkfs clone shares it, holes kept
     b_map = block_map(f.p("b"))
-    step("cp b c", f.cp, "b", "c", "--sparse=never")
-    step("cp c d (clone of a clone)", f.cp, "c", "d", "--sparse=never")
+    step("clone b c", f.clone, "b", "c")
+    step("clone c d (clone of a clone)", f.clone, "c", "d")
     assert block_map(f.p("d")) == {lb: (pb, rc + 2) for lb, (pb, rc) in b_map.items()}
     step("write into c", f.pwrite, "c", BS + 5, rnd(3 * BS, 4))
     step("truncate d to 0 and regrow", f.truncate, "d", 0)
