@@ -24,7 +24,6 @@ from __future__ import annotations
 import bisect
 import collections
 import errno
-import fcntl
 import logging
 import os
 import sqlite3
@@ -190,15 +189,21 @@ class Volume:
 
     # -- lifetime ------------------------------------------------------------------------------
     @classmethod
-    def open(cls, store: str, io_factory=None, direct: bool = True) -> "Volume":
-        db = schema.open_store_db(store)
-        lock_fd = os.open(os.path.join(store, schema.LOCK_NAME), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    def open(cls, store: str, io_factory=None, direct: bool = True, lock_fd: int | None = None) -> "Volume":
+        """`lock_fd`: the store's lock, already taken by the caller (schema.lock_store); the volume owns it
+        from here on, and closes it when it closes or fails to open."""
         try:
-            fcntl.flock(lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(lock_fd)
-            db.close()
-            raise StoreError(f"{store}: store is in use (mounted, or being checked); unmount it first") from None
+            db = schema.open_store_db(store)
+        except BaseException:
+            if lock_fd is not None:
+                os.close(lock_fd)
+            raise
+        if lock_fd is None:
+            try:
+                lock_fd = schema.lock_store(store)
+            except BaseException:
+                db.close()
+                raise
         data = None
         try:
             data = DataFile(os.path.join(store, schema.DATA_NAME), direct=direct)
