@@ -47,6 +47,8 @@ MAX_NAME = 255
 END = 1 << 62                    # "to the end of the file" in logical blocks
 COPY_CHUNK = 8 << 20             # bytes copied per step when a clone must move data
 CHECKPOINT_BYTES = 4 << 20       # the WAL is copied into the database once it is this big
+INODE_BYTES = BS                 # what statfs charges an inode not yet created: one data block, the least
+                                 # a file with any data takes (its metadata row is ~120 bytes of meta.db)
 
 RENAME_NOREPLACE = 1
 RENAME_EXCHANGE = 2
@@ -185,6 +187,9 @@ class Volume:
         self._wal_path = os.path.join(store, schema.DB_NAME + "-wal")
         self._ckpt_db: sqlite3.Connection | None = None
         self._barrier = None            # the last commit's (see commit)
+        # rows in `inodes`, kept in step by _new_inode/_free_inode and restored by a rollback, so that
+        # statfs never counts a large table
+        self._inode_rows = db.execute("SELECT COUNT(*) FROM inodes").fetchone()[0]
         self._purge_orphans()
 
     # -- lifetime ------------------------------------------------------------------------------
@@ -258,7 +263,7 @@ class Volume:
         self._begin()
         self._memo.enter_op()
         self.db.execute("SAVEPOINT op")
-        mark = len(self.space.pending)
+        mark, inode_rows = len(self.space.pending), self._inode_rows
         outer_cow, self._cow_only = self._cow_only, self._cow_only or cow
         try:
             yield
@@ -266,6 +271,7 @@ class Volume:
             self.db.execute("ROLLBACK TO op")
             self.db.execute("RELEASE op")
             self.space.rollback_to(mark)
+            self._inode_rows = inode_rows
             raise
         finally:
             self._cow_only = outer_cow
@@ -415,6 +421,7 @@ class Volume:
                               "ctime_ns, target) VALUES (?,?,?,?,?,?,?,?,?,?)",
                               (mode, uid, gid, 2 if is_dir else 1, size, rdev, now, now, now, target))
         ino = cur.lastrowid
+        self._inode_rows += 1
         self.db.execute("INSERT INTO dirents(parent, name, ino) VALUES (?, ?, ?)", (parent, name, ino))
         if is_dir:
             self.db.execute("UPDATE inodes SET nlink=nlink+1 WHERE ino=?", (parent,))
@@ -514,6 +521,7 @@ class Volume:
         self.io.drop_inode(ino, 0, None)
         self.db.execute("DELETE FROM xattrs WHERE ino=?", (ino,))
         self.db.execute("DELETE FROM inodes WHERE ino=?", (ino,))
+        self._inode_rows -= 1
 
     def _purge_orphans(self) -> None:
         """Inodes unlinked while open when the daemon stopped: nothing can reach them any more."""
@@ -976,6 +984,11 @@ class Volume:
         return out
 
     def statfs(self) -> dict:
+        """Space and inode figures. The store has no inode table to run out of: an inode is a row, so its
+        count is bounded only by space. Inodes in use are the rows of `inodes` (files, directories,
+        symlinks, device nodes, and files unlinked while open until their last user lets go); free
+        inodes are how many more the available space could hold at INODE_BYTES each (the way XFS derives
+        them from free blocks); total = used + free."""
         sp = self.space
         free_runs = sp.free_blocks() + sum(n for _, n in sp.pending)
         if sp.limit_blocks:
@@ -986,9 +999,10 @@ class Volume:
             backing_free = vfs.f_bavail * vfs.f_frsize // BS
             total = sp.data_blocks + backing_free
             avail = free_runs + backing_free
-        files = self.db.execute("SELECT COUNT(*) FROM inodes").fetchone()[0]
+        files_free = avail * BS // INODE_BYTES
         return {"block_size": BS, "blocks": total, "blocks_free": avail, "blocks_avail": avail,
-                "files": files + 1_000_000, "files_free": 1_000_000, "namemax": MAX_NAME}
+                "files": self._inode_rows + files_free, "files_free": files_free, "files_used": self._inode_rows,
+                "namemax": MAX_NAME}
 
     def usage(self) -> dict:
         """Logical bytes (mapped by files), physical bytes (distinct blocks in use), and the saving."""
