@@ -8,7 +8,6 @@ mounted there at teardown, before the `mounts` fixture unmounts and checks the r
 from __future__ import annotations
 
 import errno
-import fcntl
 import os
 import signal
 import subprocess
@@ -17,8 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from mountutil import (assert_fsck_clean, fusermount, is_mounted, lock_holders, need_fuse, pid_alive, run_cli,
-                       cli_cmd, wait_for)
+from mountutil import assert_fsck_clean, cli_cmd, fusermount, is_mounted, lock_holders, run_cli, wait_for
 from test_cli_mount import assert_one_line_error
 
 HERE = Path(__file__).resolve().parent
@@ -29,13 +27,13 @@ def dead(mounts):
     """`dead.add(mnt)`: at teardown, lazily detach every mount still on mnt (dead or not), whatever happened.
     (It depends on `mounts`, so it is torn down first: `mounts` then finds these mount points clear.)"""
     class Dead:
-        points: list[Path] = []
+        def __init__(self):
+            self.points: list[Path] = []
 
         def add(self, mnt) -> Path:
             self.points.append(Path(mnt))
             return Path(mnt)
     d = Dead()
-    d.points = []
     try:
         yield d
     finally:
