@@ -1,11 +1,24 @@
-"""Commands that work on mounts: mount, umount (and, through the mount, clone, stat, df, status)."""
+"""Commands that work on mounts: mount, umount (and, through the mount, clone, stat, df, status).
+
+A dead mount is a reflinkfs mount whose daemon has died (kill -9, OOM, a crash): it stays in the mount
+table and every access to it fails with ENOTCONN until it is detached. A daemon holds its store's lock
+from before it mounts until after it has unmounted, so a reflinkfs mount whose store lock is free has
+no daemon: it is dead. `mount` detaches a dead mount of the same store (while holding that store's
+lock, so that two `mount` commands racing on it cannot both go on, and no live mount is ever detached)
+and then mounts as usual; any other mount in the way is refused with the command that clears it.
+`umount` detaches a dead mount (lazily: processes inside it keep getting ENOTCONN) and says so.
+"""
 from __future__ import annotations
 
+import contextlib
+import errno
 import fcntl
 import os
+import shlex
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 
 from .errors import StoreError
 
@@ -21,7 +34,9 @@ def add_parsers(sub) -> None:
     s.add_argument("-f", "--foreground", action="store_true", help="stay in the foreground")
     s.add_argument("-d", "--debug", action="store_true", help="log every request (implies nothing else)")
     s.add_argument("-o", dest="fuse_options", action="append", default=[], metavar="OPT[,OPT...]",
-                   help="FUSE mount options, e.g. allow_other")
+                   help="FUSE mount options, e.g. allow_other; also nonempty (same as --nonempty)")
+    s.add_argument("--nonempty", action="store_true",
+                   help="mount even if the mountpoint is not empty (its contents are hidden until unmount)")
     s.add_argument("--cache", choices=["shared", "inode", "none"], default="shared",
                    help="shared: one cache keyed by physical extent (default); inode: a plain per-inode cache; "
                         "none: no cache")
@@ -77,6 +92,40 @@ def reflinkfs_mounts() -> dict[str, str]:
     return found
 
 
+@dataclass
+class MountEntry:
+    """One line of /proc/self/mountinfo."""
+    mount_id: int
+    parent_id: int
+    mountpoint: str
+    fstype: str
+    source: str
+
+    @property
+    def store(self) -> str | None:
+        """The store of a reflinkfs mount (its fsname is reflinkfs:<absolute store path>), else None."""
+        if self.fstype == "fuse.reflinkfs" and self.source.startswith("reflinkfs:"):
+            return self.source[len("reflinkfs:"):]
+        return None
+
+
+def top_mount(path) -> MountEntry | None:
+    """The mount that path resolves to if something is mounted on path itself (the topmost of a stack),
+    else None. Reads /proc/self/mountinfo only: never blocks on a dead or wedged FUSE daemon."""
+    target = os.path.realpath(path)
+    here = []
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            fields = line.split()
+            if _unescape(fields[4]) != target:
+                continue
+            tail = fields[fields.index("-") + 1:]
+            here.append(MountEntry(int(fields[0]), int(fields[1]), target, tail[0], _unescape(tail[1])))
+    below = {e.parent_id for e in here}
+    tops = [e for e in here if e.mount_id not in below]
+    return (tops or here or [None])[-1]
+
+
 def is_mounted(path) -> bool:
     """Whether something is mounted on path; reads /proc/self/mountinfo, which never blocks on a wedged
     FUSE daemon (unlike stat or os.path.ismount)."""
@@ -116,6 +165,107 @@ def pid_alive(pid: int) -> bool:
         return False
 
 
+@contextlib.contextmanager
+def store_lock(store: str):
+    """Hold the store's lock for a with-block if no process holds it; yields False (holding nothing) when
+    one does: the daemon of a live mount, a fsck, or another command holding it for a moment; None when
+    the lock cannot be opened (the store directory is gone)."""
+    from .meta.schema import LOCK_NAME
+    try:
+        fd = os.open(os.path.join(store, LOCK_NAME), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    except OSError:
+        yield None
+        return
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            got = True
+        except BlockingIOError:
+            got = False
+        yield got
+    finally:
+        os.close(fd)
+
+
+def _answers_enotconn(path: str) -> bool:
+    """Whether the mount on path is dead: the kernel itself answers ENOTCONN once its daemon is gone
+    (ECONNABORTED for a request caught in the daemon's death). statfs, because the kernel always passes
+    it to the daemon: stat may be answered from cached attributes for a second after the daemon died."""
+    try:
+        os.statvfs(path)
+    except OSError as e:
+        return e.errno in (errno.ENOTCONN, errno.ECONNABORTED)
+    return False
+
+
+def _detach(mnt: str) -> None:
+    """Lazily detach the mount on mnt (processes still inside keep getting ENOTCONN)."""
+    r = subprocess.run(["fusermount3", "-u", "-z", mnt], capture_output=True, text=True, timeout=60)
+    if r.returncode != 0:
+        msg = (r.stderr.strip().splitlines() or ["fusermount3 failed"])[-1]
+        raise StoreError(f"{mnt}: cannot detach the dead mount: {msg.removeprefix('fusermount3: ')}")
+
+
+def _mounts_of(store: str) -> list[str]:
+    real = os.path.realpath(store)
+    return [m for m, s in reflinkfs_mounts().items() if os.path.realpath(s) == real]
+
+
+def _holders_text(store: str) -> str:
+    pids = lock_holders(store)
+    return f"process {', '.join(map(str, pids))}" if pids else "another process"
+
+
+def _lock_for_mount(args) -> int:
+    """Take the store's lock for the mount: held from the checks on, handed to the daemon, held by it
+    until it has unmounted. So of two `mount` commands of one store, only the first goes on, and while
+    we hold it no daemon of this store runs: every mount of it in the table is dead."""
+    from .meta import schema
+    try:
+        return schema.lock_store(args.store)
+    except StoreError:
+        pass
+    here = os.path.realpath(args.mountpoint)
+    live = [m for m in _mounts_of(args.store) if not _answers_enotconn(m)]
+    if here in live:
+        raise StoreError(f"{args.mountpoint}: {args.store} is already mounted here")
+    if live:
+        raise StoreError(f"{args.store}: store is in use: mounted on {live[0]} (a store is mounted once at a "
+                         f"time); unmount it first: 'reflinkfs umount {shlex.quote(live[0])}'")
+    raise StoreError(f"{args.store}: store is in use by {_holders_text(args.store)} (a fsck, or another mount "
+                     f"starting); wait for it to finish and mount again")
+
+
+def _clear_mountpoint(args) -> None:
+    """Make sure nothing is mounted on the mountpoint: detach a dead mount of this same store (saying so
+    on one line); refuse anything else with the command that clears it. The caller holds the store's
+    lock (_lock_for_mount), so a mount of this store found here has no daemon, and none can start."""
+    mnt = os.path.abspath(args.mountpoint)
+    q = shlex.quote(args.mountpoint)
+    for _ in range(8):                      # dead mounts of this store stacked on each other
+        top = top_mount(mnt)
+        if top is None:
+            return
+        other, dead = top.store, _answers_enotconn(mnt)
+        if other is None:
+            if dead:
+                raise StoreError(f"{args.mountpoint}: a dead {top.fstype} mount ({top.source}) is in the way; "
+                                 f"detach it with 'fusermount3 -uz {q}' and mount again")
+            raise StoreError(f"{args.mountpoint}: something is already mounted here ({top.fstype} {top.source}); "
+                             f"unmount it first: 'umount {q}'")
+        if not dead:
+            raise StoreError(f"{args.mountpoint}: something is already mounted here (reflinkfs store {other}); "
+                             f"unmount it first: 'reflinkfs umount {q}'")
+        if os.path.realpath(other) != os.path.realpath(args.store):
+            raise StoreError(f"{args.mountpoint}: a dead mount of another store, {other}, is in the way "
+                             f"(its daemon died); clear it with 'reflinkfs umount {q}' and mount again")
+        _detach(mnt)
+        print(f"reflinkfs mount: {args.mountpoint}: the daemon of the last mount of {args.store} had died "
+              f"(the mount answered ENOTCONN); detached that dead mount, mounting again", file=sys.stderr)
+    raise StoreError(f"{args.mountpoint}: dead mounts are stacked here; clear them with "
+                     f"'reflinkfs umount {q}' and mount again")
+
+
 def store_of(mountpoint: str) -> str:
     mnt = os.path.realpath(mountpoint)
     try:
@@ -126,29 +276,52 @@ def store_of(mountpoint: str) -> str:
 
 # -- mount ---------------------------------------------------------------------------------------
 def _check_mount_args(args) -> None:
-    from .meta import schema
+    """Checks made holding the store's lock (see _lock_for_mount)."""
     if not os.path.exists("/dev/fuse"):
         raise StoreError("/dev/fuse is missing: load the fuse module (modprobe fuse) or run where FUSE is available")
+    _clear_mountpoint(args)
     if not os.path.isdir(args.mountpoint):
         raise StoreError(f"{args.mountpoint}: mountpoint does not exist or is not a directory")
-    if os.path.ismount(args.mountpoint) or os.path.realpath(args.mountpoint) in reflinkfs_mounts():
-        raise StoreError(f"{args.mountpoint}: something is already mounted here")
-    if os.listdir(args.mountpoint) and "nonempty" not in ",".join(args.fuse_options):
-        raise StoreError(f"{args.mountpoint}: mountpoint is not empty")
-    schema.open_store_db(args.store).close()
+    if os.listdir(args.mountpoint) and not args.nonempty:
+        raise StoreError(f"{args.mountpoint}: mountpoint is not empty; to mount over its contents (hidden until "
+                         f"unmount) add --nonempty (or -o nonempty)")
 
 
-def _options(args):
+def _take_nonempty(args) -> None:
+    """`-o nonempty` is ours, not libfuse's (libfuse 3 rejects it): turn it into args.nonempty."""
+    kept = []
+    for o in args.fuse_options:
+        opts = [x for x in o.split(",") if x]
+        args.nonempty = args.nonempty or "nonempty" in opts
+        rest = ",".join(x for x in opts if x != "nonempty")
+        if rest:
+            kept.append(rest)
+    args.fuse_options = kept
+
+
+def _options(args, lock_fd: int):
     from .fuse.mount import MountOptions
     return MountOptions(store=args.store, mountpoint=os.path.abspath(args.mountpoint), debug=args.debug,
                         fuse_options=args.fuse_options, cache=args.cache, cache_size=args.cache_size,
-                        kernel_cache=args.kernel_cache, commit_interval=args.commit_interval)
+                        kernel_cache=args.kernel_cache, commit_interval=args.commit_interval, lock_fd=lock_fd)
 
 
 def cmd_mount(args) -> int:
+    from .meta import schema
+    _take_nonempty(args)
+    schema.open_store_db(args.store).close()
+    lock_fd = _lock_for_mount(args)
+    try:
+        _check_mount_args(args)
+    except BaseException:
+        os.close(lock_fd)
+        raise
+    return _mount(args, _options(args, lock_fd))
+
+
+def _mount(args, opts) -> int:
+    """Mount, in this process (--foreground) or in a daemon forked off; opts.lock_fd goes to the volume."""
     from .fuse import mount
-    _check_mount_args(args)
-    opts = _options(args)
     if args.foreground:
         mount.setup_logging(args.debug, args.log)
 
@@ -164,7 +337,9 @@ def cmd_mount(args) -> int:
     log_path = os.path.abspath(args.log or os.path.join(args.store, "log"))
     rfd, wfd = os.pipe()
     pid = os.fork()
-    if pid == 0:                                   # the daemon
+    if pid != 0:
+        os.close(opts.lock_fd)          # the daemon's copy holds the lock now (one open file, shared)
+    else:                                          # the daemon
         os.close(rfd)
         code = 1
         try:
@@ -232,6 +407,18 @@ def wait_store_free(store: str, timeout: float) -> bool:
 
 def cmd_umount(args) -> int:
     store = store_of(args.mountpoint)
+    mnt = os.path.abspath(args.mountpoint)
+    top = top_mount(mnt)
+    if top is not None and top.store is not None and _answers_enotconn(mnt):
+        # A dead mount: nothing to flush, so detach it, even with processes inside. Under the store's lock
+        # when it is free, and only if it is still the same mount, so that a `mount` of the store that
+        # recovers this mountpoint meanwhile never has its new, live mount detached.
+        with store_lock(top.store):
+            if top_mount(mnt) == top and _answers_enotconn(mnt):
+                _detach(mnt)
+                print(f"reflinkfs umount: {args.mountpoint}: the daemon of this mount of {store} had died; "
+                      f"detached the dead mount (changes after its last commit are lost)", file=sys.stderr)
+                return 0
     r = subprocess.run(["fusermount3", "-u", args.mountpoint], capture_output=True, text=True)
     if r.returncode != 0:
         msg = (r.stderr.strip().splitlines() or ["fusermount3 failed"])[-1]

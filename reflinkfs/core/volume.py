@@ -24,7 +24,6 @@ from __future__ import annotations
 import bisect
 import collections
 import errno
-import fcntl
 import logging
 import os
 import sqlite3
@@ -49,6 +48,8 @@ MAX_NAME = 255
 END = 1 << 62                    # "to the end of the file" in logical blocks
 COPY_CHUNK = 8 << 20             # bytes copied per step when a clone must move data
 CHECKPOINT_BYTES = 4 << 20       # the WAL is copied into the database once it is this big
+INODE_BYTES = BS                 # what statfs charges an inode not yet created: one data block, the least
+                                 # a file with any data takes (its metadata row is ~120 bytes of meta.db)
 
 RENAME_NOREPLACE = 1
 RENAME_EXCHANGE = 2
@@ -188,19 +189,28 @@ class Volume:
         self._wal_path = os.path.join(store, schema.DB_NAME + "-wal")
         self._ckpt_db: sqlite3.Connection | None = None
         self._barrier = None            # the last commit's (see commit)
+        # rows in `inodes`, kept in step by _new_inode/_free_inode and restored by a rollback, so that
+        # statfs never counts a large table
+        self._inode_rows = db.execute("SELECT COUNT(*) FROM inodes").fetchone()[0]
         self._purge_orphans()
 
     # -- lifetime ------------------------------------------------------------------------------
     @classmethod
-    def open(cls, store: str, io_factory=None, direct: bool = True) -> "Volume":
-        db = schema.open_store_db(store)
-        lock_fd = os.open(os.path.join(store, schema.LOCK_NAME), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    def open(cls, store: str, io_factory=None, direct: bool = True, lock_fd: int | None = None) -> "Volume":
+        """`lock_fd`: the store's lock, already taken by the caller (schema.lock_store); the volume owns it
+        from here on, and closes it when it closes or fails to open."""
         try:
-            fcntl.flock(lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(lock_fd)
-            db.close()
-            raise StoreError(f"{store}: store is in use (mounted, or being checked); unmount it first") from None
+            db = schema.open_store_db(store)
+        except BaseException:
+            if lock_fd is not None:
+                os.close(lock_fd)
+            raise
+        if lock_fd is None:
+            try:
+                lock_fd = schema.lock_store(store)
+            except BaseException:
+                db.close()
+                raise
         data = None
         try:
             data = DataFile(os.path.join(store, schema.DATA_NAME), direct=direct)
@@ -255,7 +265,7 @@ class Volume:
         self._begin()
         self._memo.enter_op()
         self.db.execute("SAVEPOINT op")
-        mark = len(self.space.pending)
+        mark, inode_rows = len(self.space.pending), self._inode_rows
         outer_cow, self._cow_only = self._cow_only, self._cow_only or cow
         try:
             yield
@@ -263,6 +273,7 @@ class Volume:
             self.db.execute("ROLLBACK TO op")
             self.db.execute("RELEASE op")
             self.space.rollback_to(mark)
+            self._inode_rows = inode_rows
             raise
         finally:
             self._cow_only = outer_cow
@@ -431,6 +442,7 @@ class Volume:
                               "ctime_ns, target) VALUES (?,?,?,?,?,?,?,?,?,?)",
                               (mode, uid, gid, nlink, size, rdev, now, now, now, target))
         ino = cur.lastrowid
+        self._inode_rows += 1
         for xname, value in inherited:
             self.db.execute("INSERT INTO xattrs(ino, name, value) VALUES (?, ?, ?)", (ino, xname, value))
         if name is None:
@@ -547,6 +559,7 @@ class Volume:
         self.io.drop_inode(ino, 0, None)
         self.db.execute("DELETE FROM xattrs WHERE ino=?", (ino,))
         self.db.execute("DELETE FROM inodes WHERE ino=?", (ino,))
+        self._inode_rows -= 1
 
     def _purge_orphans(self) -> None:
         """Inodes unlinked while open when the daemon stopped: nothing can reach them any more."""
@@ -1056,6 +1069,11 @@ class Volume:
         return out
 
     def statfs(self) -> dict:
+        """Space and inode figures. The store has no inode table to run out of: an inode is a row, so its
+        count is bounded only by space. Inodes in use are the rows of `inodes` (files, directories,
+        symlinks, device nodes, and files unlinked while open until their last user lets go); free
+        inodes are how many more the available space could hold at INODE_BYTES each (the way XFS derives
+        them from free blocks); total = used + free."""
         sp = self.space
         free_runs = sp.free_blocks() + sum(n for _, n in sp.pending)
         if sp.limit_blocks:
@@ -1066,9 +1084,10 @@ class Volume:
             backing_free = vfs.f_bavail * vfs.f_frsize // BS
             total = sp.data_blocks + backing_free
             avail = free_runs + backing_free
-        files = self.db.execute("SELECT COUNT(*) FROM inodes").fetchone()[0]
+        files_free = avail * BS // INODE_BYTES
         return {"block_size": BS, "blocks": total, "blocks_free": avail, "blocks_avail": avail,
-                "files": files + 1_000_000, "files_free": 1_000_000, "namemax": MAX_NAME}
+                "files": self._inode_rows + files_free, "files_free": files_free, "files_used": self._inode_rows,
+                "namemax": MAX_NAME}
 
     def usage(self) -> dict:
         """Logical bytes (mapped by files), physical bytes (distinct blocks in use), and the saving."""

@@ -33,6 +33,7 @@ class MountOptions:
     cache_size: int = 256 << 20
     kernel_cache: bool = False
     commit_interval: float = 5.0
+    lock_fd: int | None = None       # the store's lock, when the mount command took it (the volume owns it)
 
 
 def fuse_option_set(opts: MountOptions) -> set[str]:
@@ -56,7 +57,7 @@ def run(opts: MountOptions, ready=None) -> int:
     from .adapter import ATTR_TIMEOUT, ENTRY_TIMEOUT, Operations
     from .ranges import RangeOps
 
-    volume = Volume.open(opts.store, io_factory=make_io(opts.cache, opts.cache_size))
+    volume = Volume.open(opts.store, io_factory=make_io(opts.cache, opts.cache_size), lock_fd=opts.lock_fd)
     try:
         ops = Operations(volume, direct_io=not opts.kernel_cache,
                          status=lambda: {"clones": ranges.clones, "cloned_bytes": ranges.cloned_bytes,

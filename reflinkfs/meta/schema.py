@@ -22,6 +22,7 @@ store upgrades it to version 2 in one transaction (a crash leaves it at version 
 """
 from __future__ import annotations
 
+import fcntl
 import os
 import sqlite3
 import sys
@@ -108,6 +109,18 @@ def mkfs(store: str, size_limit: int = 0, uid: int | None = None, gid: int | Non
         db.execute("COMMIT")
     finally:
         db.close()
+
+
+def lock_store(store: str) -> int:
+    """Take the store's lock, which whoever uses the store holds (a mount's daemon, fsck); the returned
+    descriptor holds it until it is closed. StoreError when another process holds it."""
+    fd = os.open(os.path.join(store, LOCK_NAME), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise StoreError(f"{store}: store is in use (mounted, or being checked); unmount it first") from None
+    return fd
 
 
 def open_store_db(store: str, thorough: bool = False) -> sqlite3.Connection:

@@ -221,6 +221,7 @@ class VolumeMachine(RuleBasedStateMachine):
         referenced = {pb + i for name in NAMES for _, pb, n, _ in self.v.extent_map(self.ino(name))
                       for i in range(n)}
         assert in_use == len(referenced)
+        assert self.v.statfs()["files_used"] == self.v.db.execute("SELECT COUNT(*) FROM inodes").fetchone()[0]
 
 
 class FullVolumeMachine(VolumeMachine):

@@ -882,3 +882,58 @@ def test_a_callers_buffer_may_change_once_write_returns(vol):
     buf[:] = bytes(len(buf))                  # the data file's queue must not see this
     vol.commit()
     assert content(vol, ino) == rnd(3 * BS, 4)
+
+
+# -- statfs inode figures ------------------------------------------------------------------------
+def _rows(v: Volume) -> int:
+    return v.db.execute("SELECT COUNT(*) FROM inodes").fetchone()[0]
+
+
+def test_statfs_counts_inodes_without_counting_rows(vol, monkeypatch):
+    """files_used is kept in step with the inodes table (orphans included), survives a reopen, and is
+    restored when an operation that had already inserted or deleted an inode row is rolled back."""
+    v = vol
+    d = v.mkdir(ROOT, b"d", 0o755, 0, 0).ino
+    f = mkfile(v, b"f", rnd(3 * BS))
+    v.symlink(d, b"s", b"target", 0, 0)
+    st = v.statfs()
+    assert st["files_used"] == _rows(v) == 4
+    assert st["files"] == st["files_used"] + st["files_free"]
+    v.opened(f)
+    v.unlink(ROOT, b"f")                         # unlinked while open: still an inode
+    assert v.statfs()["files_used"] == _rows(v) == 4
+    v.released(f)
+    assert v.statfs()["files_used"] == _rows(v) == 3
+
+    def fail(*a, **k):
+        raise FsError(errno.EIO, "injected")
+    monkeypatch.setattr(v, "_touch", fail)       # create calls it after inserting the row
+    err(errno.EIO, v.create, ROOT, b"g", 0o644, 0, 0)
+    monkeypatch.undo()
+    assert v.statfs()["files_used"] == _rows(v) == 3
+    free_inode = v._free_inode
+
+    def free_then_fail(ino):
+        free_inode(ino)
+        fail()
+    monkeypatch.setattr(v, "_free_inode", free_then_fail)
+    err(errno.EIO, v.unlink, d, b"s")
+    monkeypatch.undo()
+    assert v.statfs()["files_used"] == _rows(v) == 3
+    v.close()
+    v2 = Volume.open(v.store)
+    try:
+        assert v2.statfs()["files_used"] == _rows(v2) == 3
+    finally:
+        v2.close()
+
+
+def test_statfs_free_inodes_follow_free_space(tmp_path, open_volume):
+    store = str(tmp_path / "small")
+    mkfs(store, size_limit=64 * BS)
+    v = open_volume(store)
+    st = v.statfs()
+    assert st["files_free"] == st["blocks_avail"] == 64 and st["files"] == 65
+    mkfile(v, b"a", rnd(10 * BS))
+    st = v.statfs()
+    assert st["files_free"] == 54 and st["files_used"] == 2 and st["files"] == 56

@@ -286,6 +286,16 @@ class MountFactory:
         self.mounts.append(m)
         return m
 
+    def adopt(self, store, mnt) -> Mount:
+        """A mount made outside the factory (e.g. by `run_cli("mount", ...)`), to be unmounted and checked
+        like the others: its daemon is the process that holds the store lock."""
+        m = Mount(store, mnt, foreground=False)
+        holders = lock_holders(m.store)
+        assert is_mounted(m.mnt) and len(holders) == 1, f"{mnt}: not mounted by one daemon ({holders})"
+        m.pid = holders[0]
+        self.mounts.append(m)
+        return m
+
     def finish(self, failed: bool) -> None:
         errors = []
         latest = {m.mnt: m for m in self.mounts}        # a remount on the same directory supersedes
