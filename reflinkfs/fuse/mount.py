@@ -1,10 +1,12 @@
 """The composition root: build the parts of a mounted filesystem, run it, tear it down in reverse.
 
-    volume (store lock, metadata, data file, cache)  ->  adapter  ->  pyfuse3 session  ->  trio loop
+    volume (store lock, metadata, data file, cache)  ->  adapter  ->  extops table  ->  pyfuse3 session
+                                                                                     ->  trio loop
 
-Order matters twice:
-- The C extension for the operations pyfuse3 lacks (copy_file_range, fallocate) must be loaded before
-  pyfuse3 is first imported, or its interposition of fuse_session_new does not take effect.
+pyfuse3 owns the session and the request loop; extops answers every request with the adapter's methods
+(see extops' docstring). Order matters twice:
+- extops must be loaded before pyfuse3 is first imported, or its table never reaches the session; the
+  mount refuses to go on without it (pyfuse3 alone would have no operations to call).
 - The volume is committed and closed only after the session has stopped, so every request that was
   answered is in the last commit.
 
@@ -47,58 +49,39 @@ def fuse_option_set(opts: MountOptions) -> set[str]:
 
 def run(opts: MountOptions, ready=None) -> int:
     """Mount and serve until unmounted or signalled. `ready(message)` is called once the mount is live."""
+    from ..errors import StoreError
     from . import extops
-    ext_ok = extops.load(strict=False)   # before pyfuse3 is imported anywhere in this process
+    loaded = extops.load(strict=False)   # before pyfuse3 is imported anywhere in this process
+    if not loaded:
+        raise StoreError(f"{opts.mountpoint}: cannot mount: {loaded.reason}")
     import pyfuse3
     import trio
 
-    from ..core.volume import Volume
     from ..core.cache import make_io
+    from ..core.volume import Volume
     from .adapter import ATTR_TIMEOUT, ENTRY_TIMEOUT, Operations
-    from .ranges import RangeOps
 
     volume = Volume.open(opts.store, io_factory=make_io(opts.cache, opts.cache_size), lock_fd=opts.lock_fd)
     try:
-        ops = Operations(volume, direct_io=not opts.kernel_cache,
-                         status=lambda: {"clones": ranges.clones, "cloned_bytes": ranges.cloned_bytes,
-                                         "extops": extops.counts() if ext_ok else None,
-                                         "copy_file_range_handled": bool(ext_ok and extops.interposed()),
-                                         "negotiated": extops.negotiated() if ext_ok else None,
+        ops = Operations(volume, acl_enabled=lambda: bool((extops.negotiated() or {}).get("posix_acl")),
+                         invalidate=lambda ino: pyfuse3.invalidate_inode(ino, False),
+                         status=lambda: {"extops": extops.counts(), "negotiated": extops.negotiated(),
+                                         "copy_file_range_handled": extops.interposed(),
                                          "code": os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                                          "kernel_cache": opts.kernel_cache})
-        ranges = RangeOps(ops)
-        pyfuse3.init(ops, opts.mountpoint, fuse_option_set(opts))
+        extops.serve(ops, ops.spawn, direct_io=not opts.kernel_cache, keep_cache=False,
+                     entry_timeout=ENTRY_TIMEOUT, attr_timeout=ATTR_TIMEOUT, acl=True)
+        pyfuse3.init(pyfuse3.Operations(), opts.mountpoint, fuse_option_set(opts))   # its table is replaced
         try:
-            warning = None
-            if ext_ok and extops.interposed():
-                ranges.install()
-                extops.set_read_handler(ops.read_parts)
-                extops.set_write_handler(ops.write_now)
-                extops.set_meta_handlers(lookup=ops.lookup_now, getattr=ops.getattr_now, unlink=ops.unlink_now,
-                                         forget=ops.forget_now, entry_timeout=ENTRY_TIMEOUT,
-                                         attr_timeout=ATTR_TIMEOUT)
-                # ops.flush does nothing: no_flush spares every close() a FLUSH round trip
-                extops.set_file_handlers(open=ops.open_now, create=ops.create_now, release=ops.release_now,
-                                         direct_io=ops.direct_io, keep_cache=False, no_flush=True,
-                                         tmpfile=ops.tmpfile_now)
-                # POSIX ACLs: the kernel enforces them (FUSE_POSIX_ACL, asked for at INIT by pyfuse3 when
-                # enable_acl is set) and the daemon applies default ACLs, which needs unmasked modes
-                extops.set_dont_mask(True)
-                ops.enable_acl = True
-                extops.set_lseek_handler(ops.lseek_now)      # SEEK_DATA / SEEK_HOLE from the extent maps
-                extops.set_dir_handlers(opendir=ops.opendir_now, readdir=ops.readdir_now,
-                                        releasedir=ops.releasedir_now, looked_up=volume.looked_up)
-            else:
-                warning = ("warning: copy_file_range is not handled by this mount ("
-                           f"{getattr(ext_ok, 'reason', None) or 'the interposition did not take effect'}); "
-                           "copies will move bytes instead of sharing extents")
-                log.error(warning)
+            if not extops.interposed():
+                raise StoreError(f"{opts.mountpoint}: cannot mount: the session did not take reflinkfs's "
+                                 "table of operations (reflinkfs.fuse.extops did not interpose libfuse)")
             if ready:
-                ready(warning)
+                ready(None)
 
             async def main():
                 async with trio.open_nursery() as nursery:
-                    ranges.nursery = nursery
+                    ops.nursery = nursery
                     nursery.start_soon(_commit_loop, ops, opts.commit_interval)
                     nursery.start_soon(_signals, nursery)
                     await pyfuse3.main()

@@ -23,7 +23,8 @@ def counters(mnt) -> dict:
     st = status(mnt)
     return {"bytes_read": st["data_file"]["bytes_read"], "bytes_written": st["data_file"]["bytes_written"],
             "bytes_served": st["cache"]["bytes_served"], "clones": st["clones"],
-            "cloned_bytes": st["cloned_bytes"], "cfr_requests": (st.get("extops") or {}).get("copy_file_range", 0),
+            "cloned_bytes": st["cloned_bytes"],
+            "cfr_requests": st["extops"]["ops"].get("copy_file_range", {}).get("requests", 0),
             "saved_bytes": st["usage"]["saved_bytes"]}
 
 

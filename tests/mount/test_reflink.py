@@ -661,7 +661,7 @@ def test_reads_across_shared_units_holes_and_eof_are_exact(fs, workdir):
         f.truncate(len(data) + 2 * UNIT)          # a hole after the last data
     data[2 * UNIT + 5 * BS:2 * UNIT + 6 * BS] = b"\xee" * BS
     data += bytes(2 * UNIT)
-    before = status(fs.mnt)["extops"]["read"]
+    before = status(fs.mnt)["extops"]["ops"]["read"]["requests"]
     fd = os.open(dst, os.O_RDONLY)
     try:
         r = random.Random(5)
@@ -672,7 +672,7 @@ def test_reads_across_shared_units_holes_and_eof_are_exact(fs, workdir):
             assert os.pread(fd, size, off) == bytes(data[off:off + size]), (off, size)
     finally:
         os.close(fd)
-    assert status(fs.mnt)["extops"]["read"] - before >= len(cases) - 1
+    assert status(fs.mnt)["extops"]["ops"]["read"]["requests"] - before >= len(cases) - 1
 
 
 def test_concurrent_first_copies_all_reach_the_daemon(mounts):
