@@ -20,9 +20,11 @@ Then it measures, against the targets of the issue:
   bytes_per_extent  daemon RSS minus the RSS of a daemon on an empty store, divided by the extents, right
                     after mount and after stat-ing every file (os.lstat through the mount)          < 300
   clone_s           `cp --reflink=auto big big.copy`, `cp --reflink=auto --sparse=never` (GNU cp 9.1
-                    copies a sparse source with read/write and never asks for copy_file_range unless
-                    told --sparse=never; the mount's clone and data-file counters show what happened),
-                    then `reflinkfs clone big big.clone`                                            < 1 s
+                    copies a sparse source region by region, finding the regions with SEEK_DATA and
+                    SEEK_HOLE: with read/write, or with --sparse=never one copy_file_range per data region
+                    and zeros written into the holes; big has a hole every other block, so both take two
+                    round trips per region; the mount's clone and data-file counters show what happened),
+                    then `reflinkfs clone big big.clone`, which shares the whole file at once        < 1 s
 and prints each number with pass/fail, and writes results.json to --out (default scripts/out/scale/).
 Everything mounted is unmounted at the end, on error and on Ctrl-C/SIGTERM too.
 
@@ -289,8 +291,8 @@ def measure(args, work: str, store: str, counts: dict, mounts: Mounts) -> dict:
         f"{r_stat / MiB:.1f} MiB after stat (empty store: {rss_empty / MiB:.1f} MiB)")
 
     # clone of the big file. GNU cp 9.1 (Debian 12) sees a sparse source (st_blocks < size) and copies it
-    # with read/write, looking for zeros, instead of copy_file_range; --sparse=never makes it call
-    # copy_file_range on the one data region the kernel reports (FUSE without lseek: all data). Both are
+    # region by region (SEEK_DATA/SEEK_HOLE) with read/write instead of copy_file_range; --sparse=never
+    # makes it call copy_file_range for each data region and write zeros into the holes. Both are
     # measured, with the mount's clone counter and data-file write counter telling what happened.
     big = os.path.join(mnt, "big")
     for key, extra in (("clone_cp_s", []), ("clone_cp_sparse_never_s", ["--sparse=never"])):
