@@ -69,8 +69,16 @@ def cmd_fsck(args) -> int:
     return 1
 
 
+COMMANDS = ("mkfs", "fsck", "mount", "umount", "clone", "stat", "df", "status", "du")
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(sys.argv[1:] if argv is None else argv)
+    argv = sys.argv[1:] if argv is None else argv
+    if len(argv) >= 2 and argv[0] not in COMMANDS and not argv[0].startswith("-"):
+        # `reflinkfs STORE MNT -o OPTS`: how fuse3's mount.fuse3 runs the program of a fuse.reflinkfs mount
+        from .mounthelper import main as helper_main
+        return helper_main(argv, prog="reflinkfs")
+    args = parse_args(argv)
     handler = globals().get(f"cmd_{args.cmd}") or getattr(__import__("reflinkfs.commands").commands,
                                                            f"cmd_{args.cmd}")
     try:
