@@ -1,4 +1,4 @@
-"""Command line: `reflinkfs mkfs | fsck | mount | umount | clone | stat | df | status`.
+"""Command line: `reflinkfs mkfs | fsck | mount | umount | clone | stat | df | du | status`.
 
 Every failure a user can cause ends as one line on stderr and a non-zero exit, never a traceback.
 `main(argv)` returns the exit code, so tests call it directly.
@@ -40,8 +40,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     s.add_argument("--repair", action="store_true", help="fix what can be fixed")
     s.add_argument("--verify-data", action="store_true", help="also verify every block's checksum")
 
-    from . import commands
+    from . import commands, du
     commands.add_parsers(sub)
+    du.add_parser(sub)
     return p.parse_args(argv)
 
 
@@ -79,8 +80,8 @@ def main(argv: list[str] | None = None) -> int:
         from .mounthelper import main as helper_main
         return helper_main(argv, prog="reflinkfs")
     args = parse_args(argv)
-    handler = globals().get(f"cmd_{args.cmd}") or getattr(__import__("reflinkfs.commands").commands,
-                                                           f"cmd_{args.cmd}")
+    handler = (getattr(args, "handler", None) or globals().get(f"cmd_{args.cmd}")
+               or getattr(__import__("reflinkfs.commands").commands, f"cmd_{args.cmd}"))
     try:
         return handler(args)
     except (StoreError, FsError) as e:
