@@ -33,24 +33,31 @@ def add_parser(sub) -> None:
     s.set_defaults(handler=cmd_du)
 
 
-def _getxattr(path: str, name: str) -> bytes:
-    """One getxattr with the largest buffer the kernel allows, so the daemon computes the answer once
-    (os.getxattr asks again with a bigger buffer when the first is too small)."""
+def read_attribute(path, name: str) -> bytes:
+    """One getxattr (of a path, or of an open descriptor) with the largest buffer the kernel allows, so
+    the daemon computes the answer once (os.getxattr asks again with a bigger buffer when the first is
+    too small)."""
     buf = ctypes.create_string_buffer(XATTR_SIZE_MAX)
-    f = _libc.getxattr
-    f.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_void_p, ctypes.c_size_t]
+    if isinstance(path, int):
+        f = _libc.fgetxattr
+        f.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_void_p, ctypes.c_size_t]
+        target = path
+    else:
+        f = _libc.getxattr
+        f.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_void_p, ctypes.c_size_t]
+        target = os.fsencode(path)
     f.restype = ctypes.c_ssize_t
-    n = f(os.fsencode(path), name.encode(), buf, XATTR_SIZE_MAX)
+    n = f(target, name.encode(), buf, XATTR_SIZE_MAX)
     if n < 0:
         e = ctypes.get_errno()
-        raise OSError(e, os.strerror(e), path)
+        raise OSError(e, os.strerror(e), None if isinstance(path, int) else path)
     return buf.raw[:n]
 
 
 def _request(paths: list[str], inos: list[int]) -> dict:
     name = XATTR_DU + "".join(f".{i}" for i in inos[1:])
     try:
-        return json.loads(_getxattr(paths[0], name))
+        return json.loads(read_attribute(paths[0], name))
     except OSError as e:
         if e.errno in (errno.ENODATA, errno.EOPNOTSUPP):
             raise StoreError(f"{paths[0]}: the daemon of this mount does not answer du (mounted by an "

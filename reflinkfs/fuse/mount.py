@@ -20,6 +20,7 @@ import logging
 import os
 import signal
 import sys
+import time
 from dataclasses import dataclass, field
 
 log = logging.getLogger("reflinkfs.mount")
@@ -61,6 +62,7 @@ def run(opts: MountOptions, ready=None) -> int:
     from ..core.volume import Volume
     from .adapter import ATTR_TIMEOUT, ENTRY_TIMEOUT, Operations
 
+    started = time.monotonic()
     volume = Volume.open(opts.store, io_factory=make_io(opts.cache, opts.cache_size), lock_fd=opts.lock_fd)
     try:
         ops = Operations(volume, acl_enabled=lambda: bool((extops.negotiated() or {}).get("posix_acl")),
@@ -68,7 +70,10 @@ def run(opts: MountOptions, ready=None) -> int:
                          status=lambda: {"extops": extops.counts(), "negotiated": extops.negotiated(),
                                          "copy_file_range_handled": extops.interposed(),
                                          "code": os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                                         "kernel_cache": opts.kernel_cache})
+                                         "kernel_cache": opts.kernel_cache, "pid": os.getpid(),
+                                         "commit_interval_s": opts.commit_interval,
+                                         "fuse_options": sorted(fuse_option_set(opts)),
+                                         "uptime_s": time.monotonic() - started})
         extops.serve(ops, ops.spawn, direct_io=not opts.kernel_cache, keep_cache=False,
                      entry_timeout=ENTRY_TIMEOUT, attr_timeout=ATTR_TIMEOUT, acl=True)
         pyfuse3.init(pyfuse3.Operations(), opts.mountpoint, fuse_option_set(opts))   # its table is replaced
