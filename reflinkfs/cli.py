@@ -55,7 +55,9 @@ def cmd_mkfs(args) -> int:
 
 def cmd_fsck(args) -> int:
     from .check import fsck
-    rep = fsck(args.store, repair_=args.repair, verify_data=args.verify_data)
+    from .progress import Progress
+    with Progress(0, "verifying data", enabled=None if args.verify_data else False) as progress:
+        rep = fsck(args.store, repair_=args.repair, verify_data=args.verify_data, progress=progress)
     for f in rep.findings:
         print(f)
     for r in rep.repaired:
