@@ -11,11 +11,14 @@ pyfuse3 owns the session and the request loop; extops answers every request with
   answered is in the last commit.
 
 Durability: the volume commits every `commit_interval` seconds while it has changes, on fsync/fsyncdir,
-and at unmount. A crash of the daemon loses at most the changes of the last interval that no fsync
-covered; each block then reads as its old or its new bytes.
+and at unmount, however the unmount came (`reflinkfs umount`, the system's `umount`, SIGTERM), with
+SIGTERM, SIGINT and SIGHUP ignored during that last commit (`signals_ignored`). A crash of the daemon
+loses at most the changes of the last interval that no fsync covered; each block then reads as its old
+or its new bytes.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import signal
@@ -96,8 +99,23 @@ def run(opts: MountOptions, ready=None) -> int:
         finally:
             pyfuse3.close(unmount=True)
     finally:
-        volume.close()
+        with signals_ignored():
+            volume.close()
     return 0
+
+
+@contextlib.contextmanager
+def signals_ignored(signums=(signal.SIGTERM, signal.SIGINT, signal.SIGHUP)):
+    """The last commit, once the session has ended (`umount`, or a signal that already asked for the
+    unmount), is not to be cut short: at shutdown systemd sends SIGTERM to every process left, and a FUSE
+    daemon is still committing after `umount` has returned. Ignored here, as asked already; SIGKILL still
+    works. The previous handlers come back afterwards."""
+    old = {s: signal.signal(s, signal.SIG_IGN) for s in signums}
+    try:
+        yield
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
 
 
 async def _commit_loop(ops, interval: float) -> None:
