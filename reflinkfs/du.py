@@ -60,18 +60,19 @@ def _request(paths: list[str], inos: list[int]) -> dict:
         return json.loads(read_attribute(paths[0], name))
     except OSError as e:
         if e.errno in (errno.ENODATA, errno.EOPNOTSUPP):
-            raise StoreError(f"{paths[0]}: the daemon of this mount does not answer du (mounted by an "
-                             f"older reflinkfs? unmount and mount again)") from None
+            raise StoreError(f"{paths[0]}: not inside a reflinkfs mount (or in one whose daemon predates du: "
+                             f"unmount and mount it again)") from None
         raise
 
 
 def usage(paths: list[str]) -> dict:
-    """{"block_size", "paths": {path: figures}, "sets": [{"paths": [...], figures..., shared_between}]}."""
-    from .commands import _mount_root
-    groups: dict[str, list[tuple[str, int]]] = {}
+    """{"block_size", "paths": {path: figures}, "sets": [{"paths": [...], figures..., shared_between}]}.
+    Paths are grouped by filesystem (st_dev): one request for each group, which the daemon refuses
+    unless it is a reflinkfs mount."""
+    groups: dict[int, list[tuple[str, int]]] = {}
     for p in paths:
-        root = _mount_root(p)
-        groups.setdefault(root, []).append((p, os.stat(p).st_ino))
+        st = os.stat(p)
+        groups.setdefault(st.st_dev, []).append((p, st.st_ino))
     out: dict = {"block_size": 4096, "paths": {}, "sets": []}
     for members in groups.values():
         names = [p for p, _ in members]

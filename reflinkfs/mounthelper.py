@@ -76,7 +76,7 @@ def parse(argv: list[str]) -> tuple[str, str, list[str], dict]:
     i = 0
     while i < len(rest):
         a = rest[i]
-        if a in ("-o", "-t", "-N") or a.startswith("--options"):
+        if a in ("-o", "-t", "-N"):
             if i + 1 >= len(rest):
                 raise UsageError(f"option {a} needs an argument")
             if a == "-o":
@@ -89,8 +89,8 @@ def parse(argv: list[str]) -> tuple[str, str, list[str], dict]:
             continue
         if a.startswith("-o") and len(a) > 2:
             options.append(a[2:])
-        elif a.startswith("-") and len(a) > 1 and set(a[1:]) <= set("sfnvir"):
-            # -s sloppy, -n no mtab (no-ops here); -f fake: do everything but mount; -v verbose
+        elif a.startswith("-") and len(a) > 1 and set(a[1:]) <= set("sfnvi"):
+            # -s sloppy, -n no mtab, -i (no-ops here); -f fake: do everything but mount; -v verbose
             flags["fake"] = flags["fake"] or "f" in a
             flags["verbose"] = flags["verbose"] or "v" in a
         else:

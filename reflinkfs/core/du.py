@@ -31,8 +31,6 @@ import sqlite3
 from ..meta.schema import BLOCK_SIZE
 from .intervals import coverage
 
-FIELDS = ("total", "exclusive", "shared", "set_shared", "physical", "set_exclusive")
-
 # Every regular file under a root (UNION, not UNION ALL: an inode reached twice is kept once).
 _TREE = """
 WITH RECURSIVE tree(ino) AS (SELECT ? UNION SELECT d.ino FROM dirents d JOIN tree t ON d.parent = t.ino)

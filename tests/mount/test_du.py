@@ -157,3 +157,20 @@ def test_du_errors(tree, tmp_path):
     assert r.returncode == 1 and "not inside a reflinkfs mount" in r.stderr and "Traceback" not in r.stderr
     r = run_cli("du", tree / "missing")
     assert r.returncode == 1 and "missing" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_du_of_more_paths_than_one_request_names(workdir):
+    """The inode numbers of the paths go in one attribute name (255 bytes at most); past that, one request
+    per path, and no figures for the set."""
+    paths = []
+    for i in range(100):
+        p = workdir / f"f{i}"
+        write(p, (i % 5 + 1) * BS, i)
+        paths.append(p)
+    res = du(*paths)
+    want = stat_of(paths)
+    for p in paths:
+        info = want[str(p)]
+        assert res["paths"][str(p)]["total"] == info["shared_bytes"] + info["exclusive_bytes"] > 0
+    assert res["sets"] == [{"paths": [str(p) for p in paths],
+                            "note": "too many paths for one request; no set figures"}]
