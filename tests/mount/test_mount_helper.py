@@ -163,3 +163,42 @@ def test_helper_command_line():
                 ["/s", "/m", "-o"], ["/s", "/m", "extra"]):
         with pytest.raises(mounthelper.UsageError):
             parse(bad)
+
+
+GENERATOR = "/lib/systemd/system-generators/systemd-fstab-generator"
+
+
+def test_boot_the_way_systemd_mounts(sbin_helper, mounts, tmp_path):
+    """The documented fstab line through systemd-fstab-generator (runnable without systemd running: it
+    reads $SYSTEMD_FSTAB), then the command the generated mount unit runs: systemd drops nofail, noauto
+    and auto and runs `mount WHAT WHERE -t TYPE -o OPTIONS` (systemd's mount.c)."""
+    if not os.access(GENERATOR, os.X_OK):
+        pytest.skip("systemd-fstab-generator is not installed")
+    store = mounts.store()
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    fstab = tmp_path / "fstab"
+    fstab.write_text(f"{store} {mnt} fuse.reflinkfs nofail,x-systemd.requires-mounts-for={store},"
+                     f"cache_size=64M,commit_interval=3600 0 0\n")
+    out = tmp_path / "units"
+    dirs = [out / d for d in ("normal", "early", "late")]
+    for d in dirs:
+        d.mkdir(parents=True)
+    r = run(GENERATOR, *dirs, env={**os.environ, "SYSTEMD_FSTAB": str(fstab), "SYSTEMD_LOG_LEVEL": "err"})
+    assert r.returncode == 0, r.stderr
+    units = list(dirs[0].glob("*.mount"))
+    assert len(units) == 1, r.stderr
+    unit = dict(line.split("=", 1) for line in units[0].read_text().splitlines() if "=" in line)
+    assert unit["RequiresMountsFor"] == str(store) and unit["Type"] == "fuse.reflinkfs"
+    assert (dirs[0] / "local-fs.target.wants" / units[0].name).exists()     # local, not _netdev
+    opts = ",".join(o for o in unit["Options"].split(",") if o not in ("nofail", "noauto", "auto"))
+    r = run("mount", unit["What"], unit["Where"], "-t", unit["Type"], "-o", opts)
+    assert r.returncode == 0, r.stderr
+    m = mounts.adopt(store, mnt)
+    assert status(mnt)["cache"]["budget_bytes"] == 64 << 20
+    (mnt / "f").write_bytes(DATA)
+    system_umount(m)                  # what stopping the unit runs: umount WHERE
+    r = run("mount", "--fstab", fstab, mnt)
+    assert r.returncode == 0, r.stderr
+    m = mounts.adopt(store, mnt)
+    assert (mnt / "f").read_bytes() == DATA
