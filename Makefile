@@ -15,7 +15,7 @@ DEBS    := build/.debs
 LIBFUSE_STAMP := $(LIBFUSE)/.built
 PYFUSE3_STAMP := $(VENV)/.pyfuse3-$(PYFUSE3)
 
-.PHONY: setup test demo bench clean
+.PHONY: setup test demo bench clean install uninstall
 
 setup: $(STAMP)
 
@@ -56,6 +56,16 @@ demo: setup
 
 bench: setup
 	$(PY) scripts/bench.py
+
+# Optional: `mount -t fuse.reflinkfs` and fstab lines. mount(8) looks for its helper in /sbin only; this
+# writes /sbin/mount.fuse.reflinkfs, a two-line wrapper that runs this checkout's .venv (`make uninstall`
+# removes it, and only it).
+SBIN ?= /sbin
+install: setup
+	$(PY) -m reflinkfs.mounthelper install $(SBIN)
+
+uninstall:
+	$(PY) -m reflinkfs.mounthelper uninstall $(SBIN)
 
 clean:
 	rm -rf $(VENV) build *.egg-info reflinkfs/*/*.so

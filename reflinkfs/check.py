@@ -222,12 +222,18 @@ def check_csums_present(db) -> list[str]:
     return out
 
 
-def check_data(db, data_path: str) -> list[str]:
-    """--verify-data: every used block's bytes match its checksum."""
+def check_data(db, data_path: str, progress=None) -> list[str]:
+    """--verify-data: every used block's bytes match its checksum. `progress` (a progress.Progress) is
+    told the bytes to read, then each run read."""
     out = []
     owners = db.execute("SELECT ino, lblock, pblock, nblocks FROM extents ORDER BY pblock").fetchall()
+    runs = db.execute("SELECT pblock, nblocks FROM refs ORDER BY pblock").fetchall()
+    if progress is not None:
+        progress.total = sum(n for _, n in runs) * BS
     with open(data_path, "rb") as f:
-        for s, n in db.execute("SELECT pblock, nblocks FROM refs ORDER BY pblock").fetchall():
+        for s, n in runs:
+            if progress is not None:
+                progress.advance(n * BS)
             sums = read_csums(db, s, n)
             f.seek(s * BS)
             for i in range(n):
@@ -275,13 +281,13 @@ CHECKS = [check_runs_disjoint, check_free_vs_used, check_refcounts, check_extent
           check_tree, check_csums_present, check_acls]
 
 
-def run_checks(db, data_path: str, verify_data: bool = False) -> list[str]:
+def run_checks(db, data_path: str, verify_data: bool = False, progress=None) -> list[str]:
     findings = []
     for check in CHECKS:
         findings += check(db)
     findings += check_bounds(db, data_path)
     if verify_data:
-        findings += check_data(db, data_path)
+        findings += check_data(db, data_path, progress)
     return findings
 
 
@@ -401,7 +407,7 @@ def _drop_csums_outside(db, used, data_path: str) -> int:
     return dropped
 
 
-def fsck(store: str, repair_: bool = False, verify_data: bool = False) -> Report:
+def fsck(store: str, repair_: bool = False, verify_data: bool = False, progress=None) -> Report:
     """Check (and optionally repair) a store that is not mounted. Raises StoreError if unusable."""
     import fcntl
     db = schema.open_store_db(store, thorough=True)
@@ -412,14 +418,15 @@ def fsck(store: str, repair_: bool = False, verify_data: bool = False) -> Report
         except BlockingIOError:
             from .errors import StoreError
             raise StoreError(f"{store}: store is in use (mounted?); unmount it before fsck") from None
-        return fsck_db(db, os.path.join(store, schema.DATA_NAME), repair_, verify_data)
+        return fsck_db(db, os.path.join(store, schema.DATA_NAME), repair_, verify_data, progress)
     finally:
         os.close(lock_fd)
         db.close()
 
 
-def fsck_db(db: sqlite3.Connection, data_path: str, repair_: bool = False, verify_data: bool = False) -> Report:
-    rep = Report(findings=run_checks(db, data_path, verify_data))
+def fsck_db(db: sqlite3.Connection, data_path: str, repair_: bool = False, verify_data: bool = False,
+            progress=None) -> Report:
+    rep = Report(findings=run_checks(db, data_path, verify_data, progress))
     if repair_ and rep.findings:
         rep.repaired, rep.unrepairable = repair(db, data_path)
         known = " ".join(rep.unrepairable)

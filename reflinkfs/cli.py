@@ -1,4 +1,4 @@
-"""Command line: `reflinkfs mkfs | fsck | mount | umount | clone | stat | df | status`.
+"""Command line: `reflinkfs mkfs | fsck | mount | umount | clone | stat | df | du | status`.
 
 Every failure a user can cause ends as one line on stderr and a non-zero exit, never a traceback.
 `main(argv)` returns the exit code, so tests call it directly.
@@ -40,8 +40,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     s.add_argument("--repair", action="store_true", help="fix what can be fixed")
     s.add_argument("--verify-data", action="store_true", help="also verify every block's checksum")
 
-    from . import commands
+    from . import commands, du
     commands.add_parsers(sub)
+    du.add_parser(sub)
     return p.parse_args(argv)
 
 
@@ -54,7 +55,9 @@ def cmd_mkfs(args) -> int:
 
 def cmd_fsck(args) -> int:
     from .check import fsck
-    rep = fsck(args.store, repair_=args.repair, verify_data=args.verify_data)
+    from .progress import Progress
+    with Progress(0, "verifying data", enabled=None if args.verify_data else False) as progress:
+        rep = fsck(args.store, repair_=args.repair, verify_data=args.verify_data, progress=progress)
     for f in rep.findings:
         print(f)
     for r in rep.repaired:
@@ -69,10 +72,18 @@ def cmd_fsck(args) -> int:
     return 1
 
 
+COMMANDS = ("mkfs", "fsck", "mount", "umount", "clone", "stat", "df", "status", "du")
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(sys.argv[1:] if argv is None else argv)
-    handler = globals().get(f"cmd_{args.cmd}") or getattr(__import__("reflinkfs.commands").commands,
-                                                           f"cmd_{args.cmd}")
+    argv = sys.argv[1:] if argv is None else argv
+    if len(argv) >= 2 and argv[0] not in COMMANDS and not argv[0].startswith("-"):
+        # `reflinkfs STORE MNT -o OPTS`: how fuse3's mount.fuse3 runs the program of a fuse.reflinkfs mount
+        from .mounthelper import main as helper_main
+        return helper_main(argv, prog="reflinkfs")
+    args = parse_args(argv)
+    handler = (getattr(args, "handler", None) or globals().get(f"cmd_{args.cmd}")
+               or getattr(__import__("reflinkfs.commands").commands, f"cmd_{args.cmd}"))
     try:
         return handler(args)
     except (StoreError, FsError) as e:

@@ -65,7 +65,12 @@ def add_parsers(sub) -> None:
 
     s = sub.add_parser("status", help="cache and data-file statistics of a mount")
     s.add_argument("mountpoint")
-    s.add_argument("--json", action="store_true")
+    s.add_argument("--json", action="store_true", help="everything the daemon reports, as JSON "
+                   "(with --watch: one JSON object per line)")
+    s.add_argument("--watch", action="store_true", help="a line per interval: requests/s, cache hit rate, "
+                   "bytes served (until Ctrl-C)")
+    s.add_argument("--interval", type=float, default=1.0, help="seconds between --watch lines (default 1)")
+    s.add_argument("--count", type=int, help="stop --watch after this many lines")
 
 
 # -- /proc/mounts --------------------------------------------------------------------------------
@@ -505,8 +510,17 @@ def cmd_df(args) -> int:
 def cmd_status(args) -> int:
     import json
     st = _status(args.mountpoint)
+    if args.watch:
+        from .du import read_attribute
+        from .watch import cmd_watch
+        fd = os.open(os.path.realpath(args.mountpoint), os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:        # through a descriptor: no lookups of its own in the requests it counts
+            return cmd_watch(args, lambda: json.loads(read_attribute(fd, XATTR_STATUS)))
+        finally:
+            os.close(fd)
     if args.json:
-        print(json.dumps(st, indent=1))
+        print(json.dumps({"mountpoint": os.path.realpath(args.mountpoint), "store": store_of(args.mountpoint),
+                          **st}, indent=1))
         return 0
     c = st["cache"]
     print(f"cache: {c['mode']}" + (f" ({c['policy']}, budget {c['budget_bytes']} bytes, unit {c['unit_bytes']})"

@@ -28,7 +28,7 @@ import time
 
 import trio
 
-from ..core import acl
+from ..core import acl, du
 from ..core.volume import Attr, Volume
 from ..errors import FsError
 
@@ -56,6 +56,8 @@ VIRTUAL = b"user.reflinkfs."
 XATTR_EXTENTS = b"user.reflinkfs.extents"     # a file's extent map, JSON; pages: ...extents.<n>
 XATTR_STATUS = b"user.reflinkfs.status"       # on the root: cache, data-file and usage statistics
 XATTR_CLONE = b"user.reflinkfs.clone-from"    # set on a file to "<inode>" of a file this process has open
+XATTR_DU = b"user.reflinkfs.du"               # space used by the tree under an inode, JSON (core/du.py);
+                                               # ...du.<ino>.<ino>: that tree and those, and their union
 EXTENTS_PAGE = 1500                            # keeps a page under the kernel's 64 KiB xattr limit
 
 
@@ -306,7 +308,19 @@ class Operations:
                                "shared_bytes": shared, "exclusive_bytes": mapped - shared,
                                "extents": [list(p) for p in chunk],
                                "next": f"{XATTR_EXTENTS.decode()}.{page + 1}" if more else None}).encode()
+        if name == XATTR_DU or name.startswith(XATTR_DU + b"."):
+            return self._du(inode, name[len(XATTR_DU) + 1:])
         raise FsError(errno.ENODATA)
+
+    def _du(self, inode: int, more: bytes) -> bytes:
+        """`reflinkfs du`: one request for a set of trees, answered from the database (core/du.py)."""
+        try:
+            roots = [inode] + [int(x) for x in more.split(b".") if x] if more else [inode]
+        except ValueError:
+            raise FsError(errno.ENODATA) from None
+        for ino in roots:
+            self.vol.getattr(ino)              # ENOENT for an inode that does not exist
+        return json.dumps(du.usage(self.vol.db, roots)).encode()
 
     async def _clone_from(self, dst: int, value: bytes, pid: int) -> None:
         """`reflinkfs clone`: make dst share all of src's extents, or fail; never copy bytes.

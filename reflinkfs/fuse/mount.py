@@ -11,15 +11,19 @@ pyfuse3 owns the session and the request loop; extops answers every request with
   answered is in the last commit.
 
 Durability: the volume commits every `commit_interval` seconds while it has changes, on fsync/fsyncdir,
-and at unmount. A crash of the daemon loses at most the changes of the last interval that no fsync
-covered; each block then reads as its old or its new bytes.
+and at unmount, however the unmount came (`reflinkfs umount`, the system's `umount`, SIGTERM), with
+SIGTERM, SIGINT and SIGHUP ignored during that last commit (`signals_ignored`). A crash of the daemon
+loses at most the changes of the last interval that no fsync covered; each block then reads as its old
+or its new bytes.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import signal
 import sys
+import time
 from dataclasses import dataclass, field
 
 log = logging.getLogger("reflinkfs.mount")
@@ -61,6 +65,7 @@ def run(opts: MountOptions, ready=None) -> int:
     from ..core.volume import Volume
     from .adapter import ATTR_TIMEOUT, ENTRY_TIMEOUT, Operations
 
+    started = time.monotonic()
     volume = Volume.open(opts.store, io_factory=make_io(opts.cache, opts.cache_size), lock_fd=opts.lock_fd)
     try:
         ops = Operations(volume, acl_enabled=lambda: bool((extops.negotiated() or {}).get("posix_acl")),
@@ -68,7 +73,10 @@ def run(opts: MountOptions, ready=None) -> int:
                          status=lambda: {"extops": extops.counts(), "negotiated": extops.negotiated(),
                                          "copy_file_range_handled": extops.interposed(),
                                          "code": os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                                         "kernel_cache": opts.kernel_cache})
+                                         "kernel_cache": opts.kernel_cache, "pid": os.getpid(),
+                                         "commit_interval_s": opts.commit_interval,
+                                         "fuse_options": sorted(fuse_option_set(opts)),
+                                         "uptime_s": time.monotonic() - started})
         extops.serve(ops, ops.spawn, direct_io=not opts.kernel_cache, keep_cache=False,
                      entry_timeout=ENTRY_TIMEOUT, attr_timeout=ATTR_TIMEOUT, acl=True)
         pyfuse3.init(pyfuse3.Operations(), opts.mountpoint, fuse_option_set(opts))   # its table is replaced
@@ -91,8 +99,23 @@ def run(opts: MountOptions, ready=None) -> int:
         finally:
             pyfuse3.close(unmount=True)
     finally:
-        volume.close()
+        with signals_ignored():
+            volume.close()
     return 0
+
+
+@contextlib.contextmanager
+def signals_ignored(signums=(signal.SIGTERM, signal.SIGINT, signal.SIGHUP)):
+    """The last commit, once the session has ended (`umount`, or a signal that already asked for the
+    unmount), is not to be cut short: at shutdown systemd sends SIGTERM to every process left, and a FUSE
+    daemon is still committing after `umount` has returned. Ignored here, as asked already; SIGKILL still
+    works. The previous handlers come back afterwards."""
+    old = {s: signal.signal(s, signal.SIG_IGN) for s in signums}
+    try:
+        yield
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
 
 
 async def _commit_loop(ops, interval: float) -> None:
