@@ -21,7 +21,7 @@ import xxhash
 from .meta import schema
 from .meta.schema import BLOCK_SIZE, ROOT_INO, pack_sums, unpack_sums
 from .core import acl
-from .core.datafile import SEG_BLOCKS, locate, seg_base, segment_path
+from .core.datafile import SEG_BLOCKS, file_layout, locate, seg_base, segment_path
 from .core.intervals import coverage as _coverage
 from .errors import FsError
 from .core.space import read_csums
@@ -307,7 +307,11 @@ def check_acls(db) -> list[str]:
 def check_segments(db, data_path: str) -> list[str]:
     """Segments other than 0: each one listed has its file, each file in the folder is listed, numbers
     are below next_seg, a file's own segment exists, and every physical block a table names lies in
-    segment 0 or in a listed segment, inside the size it is kept at. Free runs are in segment 0 only."""
+    segment 0 or in a listed segment, inside the size it is kept at. Free runs are in segment 0 only.
+    Each segment file is as long as its size says, and holds no data outside the used runs (freed blocks
+    are punched out). A segment is the own segment of at most one file; that file maps blocks of it only
+    at their own logical positions (its identity claim), and no other file maps blocks of it (a shared
+    segment is frozen: nobody's own)."""
     out = []
     next_seg = schema.get_meta(db, "next_seg")
     segs = dict(db.execute("SELECT seg, size_bytes FROM segments"))
@@ -321,10 +325,42 @@ def check_segments(db, data_path: str) -> list[str]:
         if size < 0 or size > SEG_BLOCKS * BS:
             out.append(f"segment {seg}: invalid size {size}")
     for name in sorted(names - {str(seg) for seg in segs}):
-        out.append(f"segment file {schema.SEGS_NAME}/{name}: no such segment in the metadata")
+        out.append(f"segment file {schema.SEGS_NAME}/{name}: no such segment in the metadata (the next mount "
+                   f"deletes it)")
+    owner: dict[int, int] = {}
     for ino, seg in db.execute("SELECT ino, own_seg FROM inodes WHERE own_seg != 0"):
         if seg not in segs:
             out.append(f"inode {ino}: its own segment {seg} does not exist")
+        if seg in owner:
+            out.append(f"segment {seg}: own segment of both inode {owner[seg]} and inode {ino}")
+        owner.setdefault(seg, ino)
+    for ino, lb, pb, n in db.execute("SELECT ino, lblock, pblock, nblocks FROM extents WHERE pblock >= ?",
+                                     (SEG_BLOCKS,)):
+        seg = locate(pb)[0]
+        if seg not in owner:
+            continue
+        if owner[seg] != ino:
+            out.append(f"segment {seg}: own segment of inode {owner[seg]}, but inode {ino} maps block "
+                       f"{pb - seg_base(seg)} of it (a shared segment must be nobody's own)")
+        elif pb != seg_base(seg) + lb:
+            out.append(f"inode {ino}: logical block {lb} is at block {pb - seg_base(seg)} of its own segment {seg}")
+    used = _coverage(db.execute("SELECT pblock, nblocks FROM refs WHERE pblock >= ?", (SEG_BLOCKS,)).fetchall())
+    for seg, size in sorted(segs.items()):
+        if str(seg) not in names:
+            continue
+        fd = os.open(segment_path(data_path, seg), os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            have, ranges = file_layout(fd)
+        finally:
+            os.close(fd)
+        if have != size:
+            out.append(f"segment {seg}: its file is {have} bytes, the metadata says {size}")
+        base = seg_base(seg)
+        seg_used = [(s - base, e - s) for s, e, _ in used if base <= s < base + SEG_BLOCKS]
+        for s, e, u, h in _diff([(s, s + n, 1) for s, n in seg_used], [(s, e, 1) for s, e in ranges])[:20]:
+            if h and not u:
+                out.append(f"segment {seg}: blocks {s}-{e - 1} hold data but no file uses them (not punched; "
+                           f"the next mount punches them)")
     for table in ("extents", "refs", "csums", "free"):
         for s, n in db.execute(f"SELECT pblock, nblocks FROM {table} WHERE pblock >= ?", (SEG_BLOCKS,)):
             seg = locate(s)[0]

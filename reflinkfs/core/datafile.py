@@ -48,6 +48,7 @@ from __future__ import annotations
 
 import collections
 import errno
+import logging
 import mmap
 import os
 import threading
@@ -57,6 +58,7 @@ from ..errors import FsError
 from ..meta.schema import BLOCK_SIZE, SEGS_NAME
 from .intervals import IntervalSet
 
+log = logging.getLogger("reflinkfs.datafile")
 DROP_EVERY = 32 << 20
 RWF_DONTCACHE = getattr(os, "RWF_DONTCACHE", 0x80)   # linux/fs.h; Python 3.11's os does not name it
 GROW_STEP = 16 << 20                # the least the data file grows by; it grows by 1/8 of its size if more
@@ -81,6 +83,30 @@ def segment_path(data_path: str, seg: int) -> str:
     if seg == 0:
         return data_path
     return os.path.join(os.path.dirname(data_path), SEGS_NAME, str(seg))
+
+
+def file_layout(fd: int) -> tuple[int, list[tuple[int, int]]]:
+    """(size in bytes, [(first block, end block)] of the ranges that hold data) of an open file, from
+    SEEK_DATA/SEEK_HOLE, widened to whole blocks. Where the filesystem cannot tell, all of it is data."""
+    size = os.fstat(fd).st_size
+    ranges: list[tuple[int, int]] = []
+    pos = 0
+    try:
+        while pos < size:
+            try:
+                start = os.lseek(fd, pos, os.SEEK_DATA)
+            except OSError as e:
+                if e.errno == errno.ENXIO:       # only a hole from pos to the end
+                    break
+                raise
+            end = os.lseek(fd, start, os.SEEK_HOLE)
+            ranges.append((start // BLOCK_SIZE, -(-end // BLOCK_SIZE)))
+            pos = end
+    except OSError as e:
+        if e.errno not in (errno.EINVAL, errno.EOPNOTSUPP):
+            raise
+        ranges = [(0, -(-size // BLOCK_SIZE))] if size else []
+    return size, ranges
 
 
 class _Seg:
@@ -205,6 +231,50 @@ class DataFile:
             self._segs.move_to_end(seg)
             h.pins += 1
             return h
+
+    def segment_layout(self, seg: int) -> tuple[int, list[tuple[int, int]]] | None:
+        """file_layout() of segment seg's file (block numbers within the segment) as it is on disk now,
+        without the writes still queued; None if the segment has no file."""
+        h = self._pin(seg, create=False)
+        try:
+            return None if h is None else file_layout(h.fd)
+        finally:
+            self._unpin(h)
+
+    def release(self, punch, gone) -> None:
+        """Punch the blocks of `punch` ((pblock, nblocks) runs outside segment 0) out of their segment files
+        and delete the files of the segments in `gone`. Only for blocks and segments that a durable commit
+        has released (the volume queues this behind that commit's sync); what is written to them later is
+        queued after it. Failures are logged, never raised: the blocks are free in the metadata either way,
+        fsck reports what is left, and the next open (segments.recover) tries again. A filesystem that
+        cannot punch holes leaves the bytes."""
+        for pblock, nblocks in punch:
+            seg, pos = locate(pblock)
+            if seg == 0 or seg in gone:
+                continue
+            h = None
+            try:
+                h = self._pin(seg, create=False)
+                if h is not None:
+                    punch_hole(h.fd, pos, nblocks * BLOCK_SIZE)
+            except OSError as e:
+                log.warning("cannot punch blocks %d+%d out of segment %d: %s", pblock, nblocks, seg, e)
+            finally:
+                self._unpin(h)
+        for seg in gone:
+            with self._seg_lock:
+                h = self._segs.get(seg)
+                if h is not None and h.pins == 0:     # a pinned one is closed by a later eviction
+                    del self._segs[seg]
+                    _close_seg(h)
+            with self._cond:
+                self._dirty.discard(seg)
+            try:
+                os.unlink(segment_path(self.path, seg))
+            except FileNotFoundError:
+                pass
+            except OSError as e:
+                log.warning("cannot delete the file of removed segment %d: %s", seg, e)
 
     def _unpin(self, h: "_Seg | None") -> None:
         if h is None or h.seg == 0:
@@ -510,6 +580,26 @@ class DataFile:
                 raise
             os.ftruncate(self._fd, target)   # no fallocate here: grow sparsely
         self._size = target
+
+
+_FALLOC_PUNCH = 0x02 | 0x01        # FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE (linux/falloc.h)
+_libc = None
+
+
+def punch_hole(fd: int, pos: int, nbytes: int) -> bool:
+    """Deallocate bytes [pos, pos+nbytes) of a file, keeping its size; False where the filesystem cannot."""
+    global _libc
+    import ctypes
+    import ctypes.util
+    if _libc is None:
+        _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        _libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+    if _libc.fallocate(fd, _FALLOC_PUNCH, pos, nbytes) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.EOPNOTSUPP, errno.ENOSYS):
+        return False
+    raise OSError(err, os.strerror(err))
 
 
 def _close_seg(h: _Seg) -> None:
