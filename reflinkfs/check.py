@@ -21,11 +21,46 @@ import xxhash
 from .meta import schema
 from .meta.schema import BLOCK_SIZE, ROOT_INO, pack_sums, unpack_sums
 from .core import acl
+from .core.datafile import SEG_BLOCKS, file_layout, locate, seg_base, segment_path
 from .core.intervals import coverage as _coverage
 from .errors import FsError
 from .core.space import read_csums
 
 BS = BLOCK_SIZE
+
+
+class _Blocks:
+    """Reads physical blocks through the segment files (one open at a time: fsck reads in pblock order).
+    A block past the end of its segment's file, or in a segment whose file is missing, reads as zeros."""
+
+    def __init__(self, data_path: str):
+        self.data_path = data_path
+        self._seg, self._f = None, None
+
+    def read(self, pblock: int) -> bytes:
+        seg, pos = locate(pblock)
+        if seg != self._seg:
+            self.close()
+            self._seg = seg
+            try:
+                self._f = open(segment_path(self.data_path, seg), "rb")
+            except FileNotFoundError:
+                self._f = None
+        if self._f is None:
+            return bytes(BS)
+        self._f.seek(pos)
+        return self._f.read(BS).ljust(BS, b"\0")
+
+    def close(self) -> None:
+        if self._f is not None:
+            self._f.close()
+        self._seg, self._f = None, None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
 
 
 @dataclass
@@ -102,7 +137,7 @@ def check_free_vs_used(db) -> list[str]:
     for s, e, c in both:
         if c > 1:
             out.append(f"space: physical blocks {s}-{e - 1} are both free and in use")
-    covered = _coverage([(s, e - s) for s, e, _ in both])
+    covered = _coverage([(s, e - s) for s, e, _ in both if s < SEG_BLOCKS])   # segment 0 has a high-water mark
     pos = 0
     for s, e, _ in covered:
         if s > pos:
@@ -118,12 +153,13 @@ def check_bounds(db, data_path: str) -> list[str]:
     data_blocks = schema.get_meta(db, "data_blocks")
     out = []
     file_blocks = os.path.getsize(data_path) // BS if os.path.exists(data_path) else 0
-    for ino, lb, pb, n in db.execute("SELECT ino, lblock, pblock, nblocks FROM extents WHERE pblock + nblocks > ?",
-                                     (data_blocks,)):
+    for ino, lb, pb, n in db.execute("SELECT ino, lblock, pblock, nblocks FROM extents WHERE pblock + nblocks > ? "
+                                     "AND pblock < ?", (data_blocks, SEG_BLOCKS)):
         out.append(f"extent: inode {ino} maps logical block {lb} to physical {pb}+{n}, beyond the data file "
                    f"({data_blocks} blocks)")
     for table in ("refs", "free"):
-        for s, n in db.execute(f"SELECT pblock, nblocks FROM {table} WHERE pblock + nblocks > ?", (data_blocks,)):
+        for s, n in db.execute(f"SELECT pblock, nblocks FROM {table} WHERE pblock + nblocks > ? AND pblock < ?",
+                               (data_blocks, SEG_BLOCKS)):
             out.append(f"{table}: run {s}+{n} lies beyond the data file ({data_blocks} blocks)")
     if file_blocks < data_blocks:
         out.append(f"data file: holds {file_blocks} blocks but the metadata uses {data_blocks}")
@@ -230,16 +266,14 @@ def check_data(db, data_path: str, progress=None) -> list[str]:
     runs = db.execute("SELECT pblock, nblocks FROM refs ORDER BY pblock").fetchall()
     if progress is not None:
         progress.total = sum(n for _, n in runs) * BS
-    with open(data_path, "rb") as f:
+    with _Blocks(data_path) as f:
         for s, n in runs:
             if progress is not None:
                 progress.advance(n * BS)
             sums = read_csums(db, s, n)
-            f.seek(s * BS)
             for i in range(n):
-                blk = f.read(BS)
-                blk = blk + bytes(BS - len(blk))
                 p = s + i
+                blk = f.read(p)
                 if sums[i] is not None and xxhash.xxh3_64_intdigest(blk) != sums[i]:
                     who = [f"inode {ino} offset {(lb + p - pb) * BS}" for ino, lb, pb, m in owners if pb <= p < pb + m]
                     out.append(f"data: physical block {p} does not match its checksum ({', '.join(who) or 'unowned'})")
@@ -248,8 +282,7 @@ def check_data(db, data_path: str, progress=None) -> list[str]:
                 "SELECT e.ino, i.size, e.lblock, e.pblock, e.nblocks FROM extents e JOIN inodes i ON i.ino = e.ino "
                 "WHERE (e.lblock + e.nblocks) * ? > i.size", (BS,)).fetchall():
             for i in range(max(0, size // BS - lb), n):
-                f.seek((pb + i) * BS)
-                blk = f.read(BS)
+                blk = f.read(pb + i)
                 skip = max(0, size - (lb + i) * BS)
                 if blk[skip:].strip(b"\0"):
                     out.append(f"data: inode {ino} has non-zero bytes past its size {size} "
@@ -277,6 +310,75 @@ def check_acls(db) -> list[str]:
     return out
 
 
+def check_segments(db, data_path: str) -> list[str]:
+    """Segments other than 0: each one listed has its file, each file in the folder is listed, numbers
+    are below next_seg, a file's own segment exists, and every physical block a table names lies in
+    segment 0 or in a listed segment, inside the size it is kept at. Free runs are in segment 0 only.
+    Each segment file is as long as its size says, and holds no data outside the used runs (freed blocks
+    are punched out). A segment is the own segment of at most one file; that file maps blocks of it only
+    at their own logical positions (its identity claim), and no other file maps blocks of it (a shared
+    segment is frozen: nobody's own)."""
+    out = []
+    next_seg = schema.get_meta(db, "next_seg")
+    segs = dict(db.execute("SELECT seg, size_bytes FROM segments"))
+    folder = os.path.join(os.path.dirname(data_path), schema.SEGS_NAME)
+    names = set(os.listdir(folder)) if os.path.isdir(folder) else set()
+    for seg, size in sorted(segs.items()):
+        if seg <= 0 or seg >= next_seg:
+            out.append(f"segment {seg}: number outside 1..{next_seg - 1}")
+        if str(seg) not in names:
+            out.append(f"segment {seg}: its file {schema.SEGS_NAME}/{seg} is missing")
+        if size < 0 or size > SEG_BLOCKS * BS:
+            out.append(f"segment {seg}: invalid size {size}")
+    for name in sorted(names - {str(seg) for seg in segs}):
+        out.append(f"segment file {schema.SEGS_NAME}/{name}: no such segment in the metadata (the next mount "
+                   f"deletes it)")
+    owner: dict[int, int] = {}
+    for ino, seg in db.execute("SELECT ino, own_seg FROM inodes WHERE own_seg != 0"):
+        if seg not in segs:
+            out.append(f"inode {ino}: its own segment {seg} does not exist")
+        if seg in owner:
+            out.append(f"segment {seg}: own segment of both inode {owner[seg]} and inode {ino}")
+        owner.setdefault(seg, ino)
+    for ino, lb, pb, n in db.execute("SELECT ino, lblock, pblock, nblocks FROM extents WHERE pblock >= ?",
+                                     (SEG_BLOCKS,)):
+        seg = locate(pb)[0]
+        if seg not in owner:
+            continue
+        if owner[seg] != ino:
+            out.append(f"segment {seg}: own segment of inode {owner[seg]}, but inode {ino} maps block "
+                       f"{pb - seg_base(seg)} of it (a shared segment must be nobody's own)")
+        elif pb != seg_base(seg) + lb:
+            out.append(f"inode {ino}: logical block {lb} is at block {pb - seg_base(seg)} of its own segment {seg}")
+    used = _coverage(db.execute("SELECT pblock, nblocks FROM refs WHERE pblock >= ?", (SEG_BLOCKS,)).fetchall())
+    for seg, size in sorted(segs.items()):
+        if str(seg) not in names:
+            continue
+        fd = os.open(segment_path(data_path, seg), os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            have, ranges = file_layout(fd)
+        finally:
+            os.close(fd)
+        if have != size:
+            out.append(f"segment {seg}: its file is {have} bytes, the metadata says {size}")
+        base = seg_base(seg)
+        seg_used = [(s - base, e - s) for s, e, _ in used if base <= s < base + SEG_BLOCKS]
+        for s, e, u, h in _diff([(s, s + n, 1) for s, n in seg_used], [(s, e, 1) for s, e in ranges])[:20]:
+            if h and not u:
+                out.append(f"segment {seg}: blocks {s}-{e - 1} hold data but no file uses them (not punched; "
+                           f"the next mount punches them)")
+    for table in ("extents", "refs", "csums", "free"):
+        for s, n in db.execute(f"SELECT pblock, nblocks FROM {table} WHERE pblock >= ?", (SEG_BLOCKS,)):
+            seg = locate(s)[0]
+            if table == "free":
+                out.append(f"free: run {s}+{n} lies in segment {seg}; free runs are in segment 0 only")
+            elif seg not in segs:
+                out.append(f"{table}: run {s}+{n} lies in segment {seg}, which does not exist")
+            elif s + n > seg_base(seg) + -(-segs[seg] // BS):
+                out.append(f"{table}: run {s}+{n} reaches past the size of segment {seg} ({segs[seg]} bytes)")
+    return out
+
+
 CHECKS = [check_runs_disjoint, check_free_vs_used, check_refcounts, check_extent_maps, check_nlink,
           check_tree, check_csums_present, check_acls]
 
@@ -286,6 +388,7 @@ def run_checks(db, data_path: str, verify_data: bool = False, progress=None) -> 
     for check in CHECKS:
         findings += check(db)
     findings += check_bounds(db, data_path)
+    findings += check_segments(db, data_path)
     if verify_data:
         findings += check_data(db, data_path, progress)
     return findings
@@ -304,8 +407,8 @@ def repair(db, data_path: str) -> tuple[list[str], list[str]]:
     n = db.execute("DELETE FROM extents WHERE ino NOT IN (SELECT ino FROM inodes WHERE (mode & 61440) = 32768)").rowcount
     if n:
         done.append(f"removed {n} extents of missing or non-regular inodes")
-    for ino, lb, pb, m in db.execute("SELECT ino, lblock, pblock, nblocks FROM extents WHERE pblock + nblocks > ?",
-                                     (data_blocks,)).fetchall():
+    for ino, lb, pb, m in db.execute("SELECT ino, lblock, pblock, nblocks FROM extents WHERE pblock + nblocks > ? "
+                                     "AND pblock < ?", (data_blocks, SEG_BLOCKS)).fetchall():
         db.execute("DELETE FROM extents WHERE ino=? AND lblock=?", (ino, lb))
         cannot.append(f"inode {ino}: data at byte offset {lb * BS} (+{m * BS}) pointed beyond the data file "
                       f"and is lost; that range is now a hole")
@@ -342,7 +445,7 @@ def repair(db, data_path: str) -> tuple[list[str], list[str]]:
                        [(s, e - s, c) for s, e, c in want])
         db.execute("DELETE FROM free")
         pos = 0
-        for s, e, _ in _coverage([(s, e - s) for s, e, _ in want]):
+        for s, e, _ in _coverage([(s, e - s) for s, e, _ in want if s < SEG_BLOCKS]):   # free runs: segment 0
             if s > pos:
                 db.execute("INSERT INTO free(pblock, nblocks) VALUES (?, ?)", (pos, s - pos))
             pos = e
@@ -379,12 +482,11 @@ def _drop_csums_outside(db, used, data_path: str) -> int:
             for i, v in enumerate(sums):
                 claims.setdefault(p + i, []).append(v)
         runs = []
-        with open(data_path, "rb") as f:
+        with _Blocks(data_path) as f:
             for q in sorted(claims):
                 vs = claims[q]
                 if len(vs) > 1:
-                    f.seek(q * BS)
-                    h = xxhash.xxh3_64_intdigest(f.read(BS).ljust(BS, b"\0"))
+                    h = xxhash.xxh3_64_intdigest(f.read(q))
                     vs = [h] if h in vs else []
                 if not vs:
                     continue

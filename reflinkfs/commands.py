@@ -491,6 +491,8 @@ def cmd_stat(args) -> int:
             print(f"{i:>4} {lb:>10}..{lb + n - 1:<9} {pb:>10}..{pb + n - 1:<9} {n:>8} {rc:>5}  "
                   f"{'shared' if rc > 1 else ''}")
         print(f"shared: {info['shared_bytes']} bytes, exclusive: {info['exclusive_bytes']} bytes")
+        seg = "several or none" if info["segment"] is None else info["segment"]
+        print(f"segment: {seg}, " + ("whole" if info["whole"] else f"not whole ({info['not_whole_because']})"))
     return 0
 
 
@@ -504,6 +506,7 @@ def cmd_df(args) -> int:
     print(f"physical bytes:  {u['physical_bytes']}")
     print(f"saved bytes:     {u['saved_bytes']}")
     print(f"sharing ratio:   {u['sharing_ratio']:.2f}")
+    print(f"whole files:     {u['whole_files']} ({u['whole_bytes']} bytes)")
     return 0
 
 

@@ -1,8 +1,19 @@
 """The data-file layer: the only code that reads or writes file data in the store.
 
-Physical block p lives at byte p * BLOCK_SIZE of one data file. Keeping the mapping "physical block ->
-(backing file, byte offset)" here alone means the store could later be split over several backing files
-without touching extent maps, refcounts or the cache.
+Segments. A physical block number is one integer, the segment number in the bits from SEG_SHIFT up and
+the block within the segment below them: block b of segment s is physical block (s << SEG_SHIFT) | b,
+stored at byte b * BLOCK_SIZE of that segment's file. Segment 0 is the store's data file (`data`), so
+every physical block of a version 2 store keeps its meaning; segment s > 0 is the sparse file
+`segs/<s>` next to it (see `segment_path`). This module alone knows that mapping (`locate`): extent
+maps, refcounts, checksums and the shared cache see one integer address space, as before. SEG_SHIFT is
+35 while a file holds at most 2**34 blocks (64 TiB), so a segment used at identity offsets never fills
+its address range, and two segments' runs can never touch (no run, free or used, is merged across a
+segment boundary). Units of the cache are aligned inside a segment for the same reason.
+
+Open descriptors are bounded however many segments exist: segment 0 stays open; the others are opened
+on demand and kept in a small LRU (MAX_OPEN_SEGS). A descriptor in use by a thread is pinned and never
+closed under it; a segment evicted with writes not yet made durable is fdatasynced before it is closed,
+so that `sync()` need only fdatasync the segments still open and written since the last one.
 
 Counters (`stats()`) record every byte read and written, so tests can prove that a clone moved no data.
 
@@ -37,19 +48,73 @@ from __future__ import annotations
 
 import collections
 import errno
+import logging
 import mmap
 import os
 import threading
 from dataclasses import dataclass
 
 from ..errors import FsError
-from ..meta.schema import BLOCK_SIZE
+from ..meta.schema import BLOCK_SIZE, SEGS_NAME
 from .intervals import IntervalSet
 
+log = logging.getLogger("reflinkfs.datafile")
 DROP_EVERY = 32 << 20
 RWF_DONTCACHE = getattr(os, "RWF_DONTCACHE", 0x80)   # linux/fs.h; Python 3.11's os does not name it
 GROW_STEP = 16 << 20                # the least the data file grows by; it grows by 1/8 of its size if more
 BACKLOG = 64 << 20                  # bytes queued for the writer before room() turns False
+SEG_SHIFT = 35                      # physical block = segment << SEG_SHIFT | block within the segment
+SEG_BLOCKS = 1 << SEG_SHIFT
+MAX_OPEN_SEGS = 64                  # descriptors kept open for segments other than 0 (unless in use)
+
+
+def locate(pblock: int) -> tuple[int, int]:
+    """(segment, byte offset in the segment's file) of physical block pblock."""
+    return pblock >> SEG_SHIFT, (pblock & (SEG_BLOCKS - 1)) * BLOCK_SIZE
+
+
+def seg_base(seg: int) -> int:
+    """The physical block number of block 0 of segment seg."""
+    return seg << SEG_SHIFT
+
+
+def segment_path(data_path: str, seg: int) -> str:
+    """The file of segment seg, for the store whose data file (segment 0) is data_path."""
+    if seg == 0:
+        return data_path
+    return os.path.join(os.path.dirname(data_path), SEGS_NAME, str(seg))
+
+
+def file_layout(fd: int) -> tuple[int, list[tuple[int, int]]]:
+    """(size in bytes, [(first block, end block)] of the ranges that hold data) of an open file, from
+    SEEK_DATA/SEEK_HOLE, widened to whole blocks. Where the filesystem cannot tell, all of it is data."""
+    size = os.fstat(fd).st_size
+    ranges: list[tuple[int, int]] = []
+    pos = 0
+    try:
+        while pos < size:
+            try:
+                start = os.lseek(fd, pos, os.SEEK_DATA)
+            except OSError as e:
+                if e.errno == errno.ENXIO:       # only a hole from pos to the end
+                    break
+                raise
+            end = os.lseek(fd, start, os.SEEK_HOLE)
+            ranges.append((start // BLOCK_SIZE, -(-end // BLOCK_SIZE)))
+            pos = end
+    except OSError as e:
+        if e.errno not in (errno.EINVAL, errno.EOPNOTSUPP):
+            raise
+        ranges = [(0, -(-size // BLOCK_SIZE))] if size else []
+    return size, ranges
+
+
+class _Seg:
+    """An open segment file. `pins`: threads using its descriptors now (under DataFile._seg_lock)."""
+    __slots__ = ("seg", "fd", "dfd", "pins")
+
+    def __init__(self, seg: int, fd: int, dfd: int):
+        self.seg, self.fd, self.dfd, self.pins = seg, fd, dfd, 0
 
 
 @dataclass
@@ -65,6 +130,12 @@ class DataFileStats:
 
 
 class DataFile:
+    """Threads: the loop reads, writes (queues) and asks for growth; the writer thread applies the queue and
+    grows segment 0; a worker thread runs sync(); the cache's loader threads read with buffers of their own.
+    Owners: `_last` and `_buf` belong to the loop (read() with buf=None, write()); the queue, `_cover`,
+    `_recent`, `_settling`, `_dirty` and the counters other than the loop's are under `_cond`; the open
+    segments (`_segs`, `_Seg.pins`) under `_seg_lock`; `_size` under `_grow_lock`."""
+
     def __init__(self, path: str, direct: bool = True):
         self.path = path
         self._fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
@@ -74,6 +145,11 @@ class DataFile:
                 self._dfd = os.open(path, os.O_RDWR | os.O_CLOEXEC | os.O_DIRECT)
             except OSError:
                 self._dfd = -1
+        self._seg0 = _Seg(0, self._fd, self._dfd)   # open for the DataFile's whole life
+        self._direct = direct
+        self._seg_lock = threading.Lock()
+        self._segs: collections.OrderedDict[int, _Seg] = collections.OrderedDict()   # LRU, oldest first
+        self._dirty: set[int] = set()      # segments > 0 written since the last sync (under _cond)
         self._stats = DataFileStats(direct_io=self._dfd >= 0)
         self._buf = AlignedBuffer()        # the loop's, for O_DIRECT reads
         self._last: tuple[int, bytes] | None = None   # (pblock, contents) of the last block written
@@ -105,6 +181,10 @@ class DataFile:
             self._cond.notify_all()
         if self._writer.is_alive() and self._writer is not threading.current_thread():
             self._writer.join()
+        with self._seg_lock:
+            for h in self._segs.values():
+                _close_seg(h)
+            self._segs.clear()
         for fd in (self._fd, self._dfd):
             if fd >= 0:
                 os.close(fd)
@@ -114,7 +194,96 @@ class DataFile:
     def stats(self) -> DataFileStats:
         return DataFileStats(**{**vars(self._stats), "dontcache": self._dontcache})
 
+    def open_segments(self) -> int:
+        """How many segment files other than segment 0 are open now."""
+        with self._seg_lock:
+            return len(self._segs)
+
+    def _pin(self, seg: int, create: bool) -> "_Seg | None":
+        """The open segment seg, pinned (release with _unpin); None if its file does not exist and
+        `create` is False. Opening one may close the least recently used unpinned others."""
+        if seg == 0:
+            return self._seg0
+        with self._seg_lock:
+            h = self._segs.get(seg)
+            if h is None:
+                path = segment_path(self.path, seg)
+                flags = os.O_RDWR | os.O_CLOEXEC
+                try:
+                    fd = os.open(path, flags | (os.O_CREAT if create else 0), 0o600)
+                except FileNotFoundError:
+                    if not create:
+                        return None
+                    os.makedirs(os.path.dirname(path), 0o700, exist_ok=True)
+                    fd = os.open(path, flags | os.O_CREAT, 0o600)
+                dfd = -1
+                if self._dfd >= 0:
+                    try:
+                        dfd = os.open(path, flags | os.O_DIRECT)
+                    except OSError:
+                        dfd = -1
+                h = self._segs[seg] = _Seg(seg, fd, dfd)
+                for old in [o for o in self._segs.values() if o.pins == 0 and o is not h]:
+                    if len(self._segs) <= MAX_OPEN_SEGS:
+                        break
+                    del self._segs[old.seg]
+                    _close_seg(old)      # its unsynced writes stay in _dirty: sync() reopens it
+            self._segs.move_to_end(seg)
+            h.pins += 1
+            return h
+
+    def segment_layout(self, seg: int) -> tuple[int, list[tuple[int, int]]] | None:
+        """file_layout() of segment seg's file (block numbers within the segment) as it is on disk now,
+        without the writes still queued; None if the segment has no file."""
+        h = self._pin(seg, create=False)
+        try:
+            return None if h is None else file_layout(h.fd)
+        finally:
+            self._unpin(h)
+
+    def release(self, punch, gone) -> None:
+        """Punch the blocks of `punch` ((pblock, nblocks) runs outside segment 0) out of their segment files
+        and delete the files of the segments in `gone`. Only for blocks and segments that a durable commit
+        has released (the volume queues this behind that commit's sync); what is written to them later is
+        queued after it. Failures are logged, never raised: the blocks are free in the metadata either way,
+        fsck reports what is left, and the next open (segments.recover) tries again. A filesystem that
+        cannot punch holes leaves the bytes."""
+        for pblock, nblocks in punch:
+            seg, pos = locate(pblock)
+            if seg == 0 or seg in gone:
+                continue
+            h = None
+            try:
+                h = self._pin(seg, create=False)
+                if h is not None:
+                    punch_hole(h.fd, pos, nblocks * BLOCK_SIZE)
+            except OSError as e:
+                log.warning("cannot punch blocks %d+%d out of segment %d: %s", pblock, nblocks, seg, e)
+            finally:
+                self._unpin(h)
+        for seg in gone:
+            with self._seg_lock:
+                h = self._segs.get(seg)
+                if h is not None and h.pins == 0:     # a pinned one is closed by a later eviction
+                    del self._segs[seg]
+                    _close_seg(h)
+            with self._cond:
+                self._dirty.discard(seg)
+            try:
+                os.unlink(segment_path(self.path, seg))
+            except FileNotFoundError:
+                pass
+            except OSError as e:
+                log.warning("cannot delete the file of removed segment %d: %s", seg, e)
+
+    def _unpin(self, h: "_Seg | None") -> None:
+        if h is None or h.seg == 0:
+            return
+        with self._seg_lock:
+            h.pins -= 1
+
     def size_blocks(self) -> int:
+        """The size of segment 0 (the store's data file) in blocks."""
         return os.fstat(self._fd).st_size // BLOCK_SIZE
 
     def read(self, pblock: int, nblocks: int, buf: "AlignedBuffer | None" = None):
@@ -122,7 +291,7 @@ class DataFile:
         loop's may read too, with a buffer of its own (`buf`); the result is then a view into that
         buffer, valid until its next read (the caller copies what it keeps), else `bytes`."""
         nbytes = nblocks * BLOCK_SIZE
-        pos = pblock * BLOCK_SIZE
+        seg, pos = locate(pblock)         # a read never crosses a segment: no run or cache unit does
         end = pblock + nblocks
         if buf is None and nblocks == 1 and self._last is not None and self._last[0] == pblock:
             self._stats.last_block_hits += 1
@@ -132,10 +301,15 @@ class DataFile:
             recent = _overlaps(self._recent, pblock, end)
         if recent:
             self._drop_pages()            # start their writeback; the O_DIRECT read below waits for it
+        h = None
         try:
-            if self._dfd >= 0:
+            h = self._pin(seg, create=False)
+            if h is None:                 # a segment never written (or removed) reads as zeros
+                got = 0
+                data = memoryview(bytes(nbytes)) if buf is not None else b""
+            elif h.dfd >= 0:
                 mem = (buf or self._buf).get(nbytes)
-                got = os.preadv(self._dfd, [memoryview(mem)[:nbytes]], pos)
+                got = os.preadv(h.dfd, [memoryview(mem)[:nbytes]], pos)
                 if buf is not None:           # no copy: the caller copies each unit out of it
                     mem[got:nbytes] = bytes(nbytes - got)
                     data = memoryview(mem)[:nbytes]
@@ -146,15 +320,18 @@ class DataFile:
                     if settled:
                         self._settling.remove(pblock, end)
                 if settled:
-                    os.posix_fadvise(self._fd, pos, nbytes, os.POSIX_FADV_DONTNEED)   # now clean: drop
+                    os.posix_fadvise(h.fd, pos, nbytes, os.POSIX_FADV_DONTNEED)   # now clean: drop
             else:
-                data = os.pread(self._fd, nbytes, pos)
-                os.posix_fadvise(self._fd, pos, nbytes, os.POSIX_FADV_DONTNEED)
+                data = os.pread(h.fd, nbytes, pos)
+                got = len(data)
+                os.posix_fadvise(h.fd, pos, nbytes, os.POSIX_FADV_DONTNEED)
         except OSError as e:
             raise FsError(e.errno or errno.EIO, f"data file read failed at block {pblock}: {e.strerror}")
+        finally:
+            self._unpin(h)
         with self._cond:                  # the loader thread counts too
             self._stats.reads += 1
-            self._stats.bytes_read += got if self._dfd >= 0 else len(data)
+            self._stats.bytes_read += got
         if len(data) < nbytes:
             data = data + bytes(nbytes - len(data))
         if queued:
@@ -232,19 +409,26 @@ class DataFile:
         if pblock is None:
             data.fn()                         # a barrier
             return
-        pos = pblock * BLOCK_SIZE
-        done = -1
-        if self._dontcache:
-            try:
-                done = os.pwritev(self._fd, [data], pos, RWF_DONTCACHE)
-            except OSError as e:
-                if e.errno not in (errno.EOPNOTSUPP, errno.EINVAL):
-                    raise
-                self._dontcache = False       # an older kernel, or a filesystem without it
-        if done < 0:
-            done = os.pwrite(self._fd, data, pos)
+        seg, pos = locate(pblock)
+        h = self._pin(seg, create=True)
+        try:
+            done = -1
+            if self._dontcache:
+                try:
+                    done = os.pwritev(h.fd, [data], pos, RWF_DONTCACHE)
+                except OSError as e:
+                    if e.errno not in (errno.EOPNOTSUPP, errno.EINVAL):
+                        raise
+                    self._dontcache = False       # an older kernel, or a filesystem without it
+            if done < 0:
+                done = os.pwrite(h.fd, data, pos)
+        finally:
+            self._unpin(h)
         if done != len(data):
             raise OSError(errno.ENOSPC, f"short write to the data file at block {pblock}")
+        if seg:
+            with self._cond:              # only once the bytes are in the file: see sync()
+                self._dirty.add(seg)
 
     def _run(self) -> None:
         """The writer thread: the queue, head first, into the file; growth when asked."""
@@ -310,7 +494,16 @@ class DataFile:
                 self._cond.wait()
 
     def _drop_pages(self) -> None:
-        os.posix_fadvise(self._fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        with self._seg_lock:
+            others = list(self._segs.values())
+            for h in others:
+                h.pins += 1
+        try:
+            for h in [self._seg0] + others:
+                os.posix_fadvise(h.fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            for h in others:
+                self._unpin(h)
         with self._cond:
             self._since_drop = 0
             self._settling = self._recent
@@ -321,7 +514,22 @@ class DataFile:
         with self._cond:                  # what is queued meanwhile is for the next sync
             mark = self._seq
             self._drain_locked(lambda: self._written >= mark)
-        os.fdatasync(self._fd)
+            # every write before mark marked its segment before it counted as written; later writes
+            # that land after this mark again, for the next sync
+            dirty, self._dirty = self._dirty, set()
+        try:
+            os.fdatasync(self._fd)
+            for seg in sorted(dirty):
+                h = self._pin(seg, create=False)   # reopened if evicted: fdatasync covers the file
+                try:
+                    if h is not None:
+                        os.fdatasync(h.fd)
+                finally:
+                    self._unpin(h)
+        except BaseException:
+            with self._cond:
+                self._dirty |= dirty
+            raise
         with self._cond:
             self._durable = max(self._durable, mark)
         self._stats.syncs += 1
@@ -334,7 +542,7 @@ class DataFile:
         return max(GROW_STEP, self._size // 8 // BLOCK_SIZE * BLOCK_SIZE)
 
     def ensure_size(self, nblocks: int) -> None:
-        """Grow the file to hold nblocks blocks, reserving the space (fallocate), so that a buffered
+        """Grow segment 0 (the data file) to hold nblocks blocks, reserving the space (fallocate), so that a buffered
         write can never fail later, at writeback, for want of space. Grows by at least GROW_STEP; once
         the need comes within half a step of the end, the writer grows it by another step."""
         want = nblocks * BLOCK_SIZE
@@ -372,6 +580,38 @@ class DataFile:
                 raise
             os.ftruncate(self._fd, target)   # no fallocate here: grow sparsely
         self._size = target
+
+
+_FALLOC_PUNCH = 0x02 | 0x01        # FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE (linux/falloc.h)
+_libc = None
+
+
+def punch_hole(fd: int, pos: int, nbytes: int) -> bool:
+    """Deallocate bytes [pos, pos+nbytes) of a file, keeping its size; False where the filesystem cannot."""
+    global _libc
+    import ctypes
+    import ctypes.util
+    if _libc is None:
+        _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        _libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+    if _libc.fallocate(fd, _FALLOC_PUNCH, pos, nbytes) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.EOPNOTSUPP, errno.ENOSYS):
+        return False
+    raise OSError(err, os.strerror(err))
+
+
+def _close_seg(h: _Seg) -> None:
+    """Close an unpinned segment's descriptors, letting its pages go first. Under _seg_lock."""
+    try:
+        os.posix_fadvise(h.fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    except OSError:
+        pass
+    for fd in (h.fd, h.dfd):
+        if fd >= 0:
+            os.close(fd)
+    h.fd = h.dfd = -1
 
 
 class Barrier:

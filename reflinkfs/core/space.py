@@ -5,7 +5,10 @@ Guarantees (all inside the caller's open database transaction):
   runs where a range partially overlaps one (like XFS's refcount btree), so cost is O(runs touched).
 - A block whose refcount drops to 0 is not free yet: it goes to `pending`, and becomes allocatable only
   after the transaction that released it commits (`on_commit`). Until then the committed state may still
-  refer to it, so it must keep its bytes.
+  refer to it, so it must keep its bytes. Only segment 0 has free runs: a released block of another
+  segment is to be punched out of its file once the commit is durable (`take_released`), and a segment
+  left with no used block and no owner is dropped from `segments` in the same transaction, its file to be
+  deleted after the commit.
 - Blocks allocated in the open transaction are remembered in `fresh`: no committed state refers to them,
   so they may be overwritten in place. Everything else is copy-on-write.
 - The allocator prefers one contiguous free run (smallest that fits), then grows the data file, then
@@ -20,6 +23,7 @@ import sqlite3
 
 from ..errors import FsError
 from ..meta.schema import CSUM_RUN, get_meta, set_meta, unpack_sums
+from .datafile import SEG_BLOCKS, locate, seg_base
 from .intervals import IntervalSet, coverage
 
 Run = tuple[int, int]  # (pblock, nblocks)
@@ -51,6 +55,8 @@ class Space:
         self.db = db
         self._on_release = on_release or (lambda pblock, nblocks: None)
         self.pending: list[Run] = []
+        self._punch: list[Run] = []       # committed-free blocks of segments other than 0, not punched yet
+        self._gone: list[int] = []        # segments dropped by the commit, their files not deleted yet
         self.fresh = IntervalSet()
         self.data_blocks = get_meta(db, "data_blocks")
         self.limit_blocks = get_meta(db, "size_limit_blocks")
@@ -257,9 +263,28 @@ class Space:
 
     def on_commit(self) -> None:
         """Called inside the transaction, just before COMMIT: released blocks become free runs."""
+        segs = set()
         for start, n in _coalesce(sorted(self.pending)):
-            self._add_free(start, n)
+            if start < SEG_BLOCKS:
+                self._add_free(start, n)
+            else:
+                self._punch.append((start, n))
+                segs.add(locate(start)[0])
         self.pending.clear()
+        for seg in sorted(segs):
+            base = seg_base(seg)
+            if (self.db.execute("SELECT 1 FROM refs WHERE pblock >= ? AND pblock < ? LIMIT 1",
+                                (base, base + SEG_BLOCKS)).fetchone() is None and
+                    self.db.execute("SELECT 1 FROM inodes WHERE own_seg=? LIMIT 1", (seg,)).fetchone() is None):
+                self.db.execute("DELETE FROM segments WHERE seg=?", (seg,))
+                self._gone.append(seg)
+
+    def take_released(self) -> tuple[list[Run], list[int]]:
+        """(blocks to punch, segments to delete) that the last commit released; the caller hands them to
+        the data file once that commit is durable."""
+        out = (self._punch, self._gone)
+        self._punch, self._gone = [], []
+        return out
 
     def after_commit(self) -> None:
         self.fresh.clear()

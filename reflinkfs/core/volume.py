@@ -38,6 +38,7 @@ from ..meta.schema import BLOCK_SIZE, ROOT_INO
 from . import acl
 from . import extents as ext
 from .blockio import UncachedIO
+from . import segments
 from .datafile import DataFile
 from .space import Space
 
@@ -220,6 +221,7 @@ class Volume:
                     raise StoreError(f"{store}: data file is empty but the metadata uses {data_blocks} blocks; "
                                      f"the data file was lost or replaced")
                 data.ensure_size(data_blocks)   # a crash may leave it short; the missing tail reads as zeros
+            segments.recover(db, data)          # punches and deletions a crash cut short
             return cls(store, db, data, lock_fd, io_factory)
         except BaseException as e:
             if data is not None:
@@ -298,7 +300,11 @@ class Volume:
             self.space.after_commit()
             self.last_commit = time.monotonic()
             self.commits += 1
-            self._barrier = self.data.barrier(self.sync_meta)
+            punch, gone = self.space.take_released()
+            if punch or gone:         # freed segment blocks leave their files only once the commit is durable
+                self._barrier = self.data.barrier(lambda: (self.sync_meta(), self.data.release(punch, gone)))
+            else:
+                self._barrier = self.data.barrier(self.sync_meta)
         barrier = self._barrier if self._barrier is not None and not self._barrier.done else None
         if wait and barrier is not None:
             self.data.wait_for(barrier)
@@ -1053,6 +1059,7 @@ class Volume:
     def _share(self, src: int, sb: int, se: int, dst: int, db_: int) -> None:
         shift = db_ - sb
         runs = ext.lookup(self.db, src, sb, se)
+        segments.freeze(self.db, runs)
         self.space.adjust([(pb, n) for _, pb, n in runs], +1)
         self._release(ext.unmap(self.db, dst, db_, db_ + (se - sb)))
         self.io.drop_inode(dst, db_, db_ + (se - sb))
@@ -1067,6 +1074,11 @@ class Volume:
             for p, m, rc in self.space.refcounts(pb, n):
                 out.append((lb + p - pb, p, m, rc))
         return out
+
+    def wholeness(self, ino: int) -> segments.Wholeness:
+        """Whether regular file ino is whole: one segment holds exactly its bytes (core/segments.py)."""
+        self._reg(ino)
+        return segments.wholeness(self.db, self.data, ino)
 
     def statfs(self) -> dict:
         """Space and inode figures. The store has no inode table to run out of: an inode is a row, so its
@@ -1090,8 +1102,10 @@ class Volume:
                 "namemax": MAX_NAME}
 
     def usage(self) -> dict:
-        """Logical bytes (mapped by files), physical bytes (distinct blocks in use), and the saving."""
+        """Logical bytes (mapped by files), physical bytes (distinct blocks in use), the saving, and how
+        many files (and bytes) are whole."""
         logical = self.db.execute("SELECT COALESCE(SUM(nblocks), 0) FROM extents").fetchone()[0] * BS
         physical = self.db.execute("SELECT COALESCE(SUM(nblocks), 0) FROM refs").fetchone()[0] * BS
         return {"logical_bytes": logical, "physical_bytes": physical, "saved_bytes": logical - physical,
-                "sharing_ratio": (logical / physical) if physical else 1.0}
+                "sharing_ratio": (logical / physical) if physical else 1.0,
+                **segments.whole_usage(self.db, self.data)}

@@ -304,7 +304,9 @@ class Operations:
             mapped = sum(n for _, _, n, _ in pieces) * 4096
             chunk = pieces[page * EXTENTS_PAGE:(page + 1) * EXTENTS_PAGE]
             more = (page + 1) * EXTENTS_PAGE < len(pieces)
+            w = self.vol.wholeness(inode)
             return json.dumps({"size": a.size, "block_size": 4096, "count": len(pieces),
+                               "segment": w.segment, "whole": w.whole, "not_whole_because": w.why,
                                "shared_bytes": shared, "exclusive_bytes": mapped - shared,
                                "extents": [list(p) for p in chunk],
                                "next": f"{XATTR_EXTENTS.decode()}.{page + 1}" if more else None}).encode()

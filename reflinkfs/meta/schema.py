@@ -1,13 +1,19 @@
 """The metadata database of a store: schema, version, creation and opening.
 
-A store is one directory (mode 0700) holding `meta.db` (SQLite in WAL mode) and `data` (fixed-size
-blocks). Physical offset = block number x BLOCK_SIZE. The schema version is stored in the database; a
-store of another version is refused rather than guessed at.
+A store is one directory (mode 0700) holding `meta.db` (SQLite in WAL mode), `data` (fixed-size blocks:
+segment 0) and the folder `segs` (the sparse files of the other segments). A physical block number packs
+(segment, block in the segment); core/datafile.py alone turns it into a file and a byte offset, so every
+table here sees one integer address space. The schema version is stored in the database; a store of
+another version is refused rather than guessed at.
 
 Tables (block numbers are physical unless the column says logical):
   meta      key -> value: schema_version, block_size, size_limit_blocks (0 = unlimited), data_blocks
-            (the high-water mark of the data file: every physical block below it is free or used)
-  inodes    one row per inode; times in nanoseconds; `blocks` = mapped blocks (kept with the extents)
+            (the high-water mark of segment 0: every physical block below it is free or used), next_seg
+            (the number the next new segment gets; numbers are never reused)
+  inodes    one row per inode; times in nanoseconds; `blocks` = mapped blocks (kept with the extents);
+            `own_seg`: the segment the file writes new blocks into, 0 for the shared data file
+  segments  seg -> size_bytes: the segments other than 0 that exist (each has its file segs/<seg>);
+            size_bytes is the size its file is kept at
   dirents   (parent, name) -> ino; `id` orders readdir so that paging is stable under changes
   xattrs    (ino, name) -> value
   extents   (ino, lblock) -> (pblock, nblocks): sorted, non-overlapping runs per file; gaps are holes
@@ -18,7 +24,11 @@ Tables (block numbers are physical unless the column says logical):
             per write, not one per block)
 
 Versions: 1 kept one csums row per block (pblock -> csum as a signed 64-bit integer). Opening a version 1
-store upgrades it to version 2 in one transaction (a crash leaves it at version 1, intact).
+store upgrades it to version 2 in one transaction (a crash leaves it at version 1, intact). Version 2 had
+the data file only; its physical block p is block p of segment 0 in version 3, so the upgrade to 3 moves
+no data: it creates the empty `segs` folder (harmless to a version 2 store, so it comes first), then adds
+`segments`, `inodes.own_seg` and `next_seg` in one transaction. A crash at any point leaves version 2
+intact or version 3 complete; an upgraded version 1 store goes on to 3 the same way.
 """
 from __future__ import annotations
 
@@ -30,20 +40,22 @@ from array import array
 
 from ..errors import StoreError
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 BLOCK_SIZE = 4096
 DB_NAME = "meta.db"
 DATA_NAME = "data"
+SEGS_NAME = "segs"          # the folder of segments other than 0 (core/datafile.py names the files)
 LOCK_NAME = "lock"
 
 CSUMS_TABLE = "CREATE TABLE csums(pblock INTEGER PRIMARY KEY, nblocks INTEGER NOT NULL, sums BLOB NOT NULL)"
+SEGMENTS_TABLE = "CREATE TABLE segments(seg INTEGER PRIMARY KEY, size_bytes INTEGER NOT NULL)"
 SCHEMA = """
 CREATE TABLE meta(key TEXT PRIMARY KEY, value) WITHOUT ROWID;
 CREATE TABLE inodes(
     ino INTEGER PRIMARY KEY, mode INTEGER NOT NULL, uid INTEGER NOT NULL, gid INTEGER NOT NULL,
     nlink INTEGER NOT NULL, size INTEGER NOT NULL DEFAULT 0, blocks INTEGER NOT NULL DEFAULT 0,
     rdev INTEGER NOT NULL DEFAULT 0, atime_ns INTEGER NOT NULL, mtime_ns INTEGER NOT NULL,
-    ctime_ns INTEGER NOT NULL, target BLOB);
+    ctime_ns INTEGER NOT NULL, target BLOB, own_seg INTEGER NOT NULL DEFAULT 0);
 CREATE TABLE dirents(
     id INTEGER PRIMARY KEY, parent INTEGER NOT NULL, name BLOB NOT NULL, ino INTEGER NOT NULL,
     UNIQUE(parent, name));
@@ -55,7 +67,7 @@ CREATE TABLE extents(ino INTEGER NOT NULL, lblock INTEGER NOT NULL, pblock INTEG
 CREATE TABLE refs(pblock INTEGER PRIMARY KEY, nblocks INTEGER NOT NULL, refcount INTEGER NOT NULL);
 CREATE TABLE free(pblock INTEGER PRIMARY KEY, nblocks INTEGER NOT NULL);
 CREATE INDEX free_by_size ON free(nblocks, pblock);
-""" + CSUMS_TABLE + ";"
+""" + CSUMS_TABLE + ";" + SEGMENTS_TABLE + ";"
 CSUM_RUN = 1024         # the most blocks a checksum run grows to: by later writes that continue it, and
                         # when version 1 rows are upgraded
 
@@ -92,6 +104,7 @@ def mkfs(store: str, size_limit: int = 0, uid: int | None = None, gid: int | Non
     if size_limit and limit_blocks < 16:
         raise StoreError(f"--size {size_limit} is too small; give at least {16 * BLOCK_SIZE} bytes")
     open(os.path.join(store, DATA_NAME), "xb").close()
+    os.mkdir(os.path.join(store, SEGS_NAME), 0o700)
     db = connect(os.path.join(store, DB_NAME))
     try:
         now = now_ns if now_ns is not None else time.time_ns()
@@ -101,7 +114,7 @@ def mkfs(store: str, size_limit: int = 0, uid: int | None = None, gid: int | Non
                 db.execute(stmt)
         db.executemany("INSERT INTO meta(key, value) VALUES (?, ?)", [
             ("schema_version", SCHEMA_VERSION), ("block_size", BLOCK_SIZE),
-            ("size_limit_blocks", limit_blocks), ("data_blocks", 0)])
+            ("size_limit_blocks", limit_blocks), ("data_blocks", 0), ("next_seg", 1)])
         db.execute("INSERT INTO inodes(ino, mode, uid, gid, nlink, atime_ns, mtime_ns, ctime_ns) "
                    "VALUES (?, ?, ?, ?, 2, ?, ?, ?)",
                    (ROOT_INO, 0o40755, os.getuid() if uid is None else uid,
@@ -168,6 +181,13 @@ def open_store_db(store: str, thorough: bool = False) -> sqlite3.Connection:
         except sqlite3.Error as e:
             db.close()
             raise StoreError(f"{store}: cannot upgrade the store from schema version 1: {e}") from None
+        row = (2,)
+    if row[0] == 2:
+        try:
+            _upgrade_from_2(store, db)
+        except (sqlite3.Error, OSError) as e:
+            db.close()
+            raise StoreError(f"{store}: cannot upgrade the store from schema version 2: {e}") from None
         row = (SCHEMA_VERSION,)
     if row[0] != SCHEMA_VERSION:
         db.close()
@@ -214,8 +234,34 @@ def _upgrade_from_1(db: sqlite3.Connection) -> None:
         db.executemany("INSERT INTO csums(pblock, nblocks, sums) VALUES (?, ?, ?)",
                        ((p, len(sums), pack_sums(sums)) for p, sums in runs))
         db.execute("DROP TABLE csums_v1")
-        db.execute("UPDATE meta SET value=? WHERE key='schema_version'", (SCHEMA_VERSION,))
+        db.execute("UPDATE meta SET value=2 WHERE key='schema_version'")
         db.execute("COMMIT")
+    except BaseException:
+        db.execute("ROLLBACK")
+        raise
+
+
+def _upgrade_step(name: str) -> None:
+    """Called after each step of an upgrade; tests replace it to kill the process there."""
+
+
+def _upgrade_from_2(store: str, db: sqlite3.Connection) -> None:
+    """Version 2 -> 3: segments (see the module docstring). Every physical block keeps its meaning."""
+    os.makedirs(os.path.join(store, SEGS_NAME), 0o700, exist_ok=True)
+    _upgrade_step("segs folder")
+    db.execute("BEGIN IMMEDIATE")
+    try:
+        if db.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()[0] != 2:
+            db.execute("COMMIT")         # another process upgraded it first
+            return
+        for step, stmt in (("segments", SEGMENTS_TABLE),
+                           ("own_seg", "ALTER TABLE inodes ADD COLUMN own_seg INTEGER NOT NULL DEFAULT 0"),
+                           ("next_seg", "INSERT INTO meta(key, value) VALUES ('next_seg', 1)"),
+                           ("version", "UPDATE meta SET value=3 WHERE key='schema_version'")):
+            db.execute(stmt)
+            _upgrade_step(step)
+        db.execute("COMMIT")
+        _upgrade_step("commit")
     except BaseException:
         db.execute("ROLLBACK")
         raise

@@ -226,3 +226,47 @@ def test_writes_use_rwf_dontcache_where_the_kernel_has_it_and_read_back_intact(d
     df.sync()
     assert on_disk(df, 0, 3) == blocks(7, 8, 9) and df.read(0, 3) == blocks(7, 8, 9)
     assert df.stats().dontcache is supported
+
+
+def test_segments_map_to_their_own_files_at_the_block_offset(df):
+    """Block b of segment s is byte b*4096 of segs/<s>; segment 0 is the data file itself; a segment
+    never written reads as zeros and gets no file."""
+    s1, s7 = datafile.seg_base(1), datafile.seg_base(7)
+    df.write(3, blocks(1))
+    df.write(s1 + 5, blocks(2, 3))
+    df.write(s7, blocks(4))
+    assert df.read(s1 + 5, 2) == blocks(2, 3)          # from the queue or the file, the same bytes
+    df.sync()
+    folder = os.path.join(os.path.dirname(df.path), "segs")
+    assert sorted(os.listdir(folder)) == ["1", "7"]
+    with open(os.path.join(folder, "1"), "rb") as f:
+        assert f.read() == bytes(5 * BS) + blocks(2, 3)
+    with open(os.path.join(folder, "7"), "rb") as f:
+        assert f.read() == blocks(4)
+    assert on_disk(df, 3, 1) == blocks(1)
+    assert df.read(s1 + 5, 2) == blocks(2, 3) and df.read(s7, 1) == blocks(4) and df.read(3, 1) == blocks(1)
+    assert df.read(datafile.seg_base(9), 2) == bytes(2 * BS)
+    assert not os.path.exists(os.path.join(folder, "9"))
+    assert datafile.locate(s7 + 2) == (7, 2 * BS)
+
+
+def test_open_segments_stay_bounded_and_sync_reaches_the_closed_ones(df, monkeypatch):
+    """However many segments are written, at most MAX_OPEN_SEGS stay open; a sync makes durable the
+    segments closed since they were written too (it reopens them)."""
+    monkeypatch.setattr(datafile, "MAX_OPEN_SEGS", 3)
+    synced: list[int] = []
+    real = os.fdatasync
+    monkeypatch.setattr(os, "fdatasync", lambda fd: (synced.append(os.fstat(fd).st_ino), real(fd)))
+    for s in range(1, 21):
+        df.write(datafile.seg_base(s) + s, blocks(s))
+    df.sync()
+    assert df.open_segments() <= 3
+    folder = os.path.join(os.path.dirname(df.path), "segs")
+    inodes = {os.stat(os.path.join(folder, str(s))).st_ino for s in range(1, 21)}
+    assert inodes <= set(synced)
+    for s in range(1, 21):
+        assert df.read(datafile.seg_base(s) + s, 1) == blocks(s)
+        assert df.open_segments() <= 3
+    synced.clear()
+    df.sync()                                  # nothing written since: no segment needs it again
+    assert not inodes & set(synced)

@@ -1,7 +1,11 @@
 """Creating and opening stores; every refusal is a StoreError with a one-line message."""
 import os
+import shutil
+import signal
 import sqlite3
 import stat
+import subprocess
+import sys
 
 import pytest
 
@@ -115,8 +119,17 @@ def test_store_in_use(store):
     Volume.open(store).close()    # the lock is released on close
 
 
+def make_version_2(store: str) -> None:
+    """Turn a closed store into the version 2 layout: no segments folder, table, column or counter."""
+    shutil.rmtree(os.path.join(store, schema.SEGS_NAME))
+    db = sqlite3.connect(os.path.join(store, DB_NAME))
+    db.executescript("DROP TABLE segments; ALTER TABLE inodes DROP COLUMN own_seg; "
+                     "DELETE FROM meta WHERE key='next_seg'; UPDATE meta SET value=2 WHERE key='schema_version';")
+    db.close()
+
+
 def test_version_1_store_is_upgraded_on_open(tmp_path):
-    """A version 1 store (one checksum row per block, signed) opens as version 2 with the same sums."""
+    """A version 1 store (one checksum row per block, signed) opens as version 3 with the same sums."""
     import xxhash
     store = str(tmp_path / "v1")
     mkfs(store)
@@ -126,6 +139,7 @@ def test_version_1_store_is_upgraded_on_open(tmp_path):
     v.write(a, 0, data)
     v.commit()
     v.close()
+    make_version_2(store)
     # rewrite it the way version 1 kept checksums
     db = sqlite3.connect(os.path.join(store, DB_NAME))
     per_block = []
@@ -143,7 +157,7 @@ def test_version_1_store_is_upgraded_on_open(tmp_path):
     assert any(c < 0 for _, c in per_block)          # the signed encoding is exercised
     v = Volume.open(store)
     try:
-        assert schema.get_meta(v.db, "schema_version") == SCHEMA_VERSION == 2
+        assert schema.get_meta(v.db, "schema_version") == SCHEMA_VERSION == 3
         rows = v.db.execute("SELECT pblock, nblocks FROM csums ORDER BY pblock").fetchall()
         assert len(rows) == -(-len(per_block) // schema.CSUM_RUN)
         assert bytes(v.read(a, 0, len(data))) == data       # every block verifies against its upgraded sum
@@ -151,3 +165,93 @@ def test_version_1_store_is_upgraded_on_open(tmp_path):
         v.close()
     from reflinkfs.check import fsck
     assert fsck(store, verify_data=True).findings == []
+
+
+def _v2_store_with_files(tmp_path):
+    store = str(tmp_path / "v2")
+    mkfs(store)
+    v = Volume.open(store)
+    files = {}
+    for i, n in enumerate((1, 5000, 3 * 4096 + 17)):
+        ino = v.create(1, f"f{i}".encode(), 0o644, 0, 0).ino
+        files[ino] = os.urandom(n)
+        v.write(ino, 0, files[ino])
+    v.commit()
+    v.close()
+    make_version_2(store)
+    return store, files
+
+
+def _used_blocks(store: str) -> int:
+    db = sqlite3.connect(os.path.join(store, DB_NAME))
+    try:
+        return db.execute("SELECT value FROM meta WHERE key='data_blocks'").fetchone()[0]
+    finally:
+        db.close()
+
+
+def _version(store: str) -> int:
+    db = sqlite3.connect(os.path.join(store, DB_NAME))
+    try:
+        return db.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()[0]
+    finally:
+        db.close()
+
+
+KILL_AT = r"""
+import os, signal, sys
+from reflinkfs.meta import schema
+def step(name):
+    if name == sys.argv[2]:
+        os.kill(os.getpid(), signal.SIGKILL)
+schema._upgrade_step = step
+schema.open_store_db(sys.argv[1]).close()
+"""
+
+
+@pytest.mark.parametrize("step", ["segs folder", "segments", "own_seg", "next_seg", "version", "commit"])
+def test_version_2_upgrade_killed_at_each_step_leaves_v2_or_v3_with_every_byte(tmp_path, step):
+    """kill -9 after each step of the upgrade: the store reads as version 2 (before the commit) or 3
+    (after it), never in between, and then opens as version 3 with every byte and a clean fsck."""
+    from reflinkfs.check import fsck
+    store, files = _v2_store_with_files(tmp_path)
+    p = subprocess.run([sys.executable, "-c", KILL_AT, store, step])
+    assert p.returncode == -signal.SIGKILL
+    assert _version(store) == (3 if step == "commit" else 2)
+    if _version(store) == 2:       # nothing of the open transaction is visible
+        db = sqlite3.connect(os.path.join(store, DB_NAME))
+        assert db.execute("SELECT name FROM sqlite_master WHERE name='segments'").fetchone() is None
+        assert "own_seg" not in [r[1] for r in db.execute("PRAGMA table_info(inodes)")]
+        db.close()
+    v = Volume.open(store)
+    try:
+        assert schema.get_meta(v.db, "schema_version") == 3
+        assert schema.get_meta(v.db, "next_seg") == 1
+        for ino, data in files.items():
+            assert bytes(v.read(ino, 0, len(data) + 10)) == data
+    finally:
+        v.close()
+    assert os.path.isdir(os.path.join(store, schema.SEGS_NAME))
+    assert fsck(store, verify_data=True).findings == []
+
+
+def test_version_2_store_is_upgraded_without_moving_data(tmp_path):
+    """Every physical block of a version 2 store is block p of segment 0: the data file is untouched."""
+    store, files = _v2_store_with_files(tmp_path)
+    used = _used_blocks(store)
+    with open(os.path.join(store, DATA_NAME), "rb") as f:
+        before = f.read(used * 4096)
+    v = Volume.open(store)
+    try:
+        assert [r[0] for r in v.db.execute("SELECT own_seg FROM inodes")] == [0] * 4
+        assert v.db.execute("SELECT COUNT(*) FROM segments").fetchone()[0] == 0
+        a = v.create(1, b"new", 0o644, 0, 0).ino
+        v.write(a, 0, b"x" * 9000)
+        v.commit()
+        assert max(p + n for p, n in v.db.execute("SELECT pblock, nblocks FROM extents")) <= \
+            schema.get_meta(v.db, "data_blocks")        # all allocation still in segment 0
+    finally:
+        v.close()
+    with open(os.path.join(store, DATA_NAME), "rb") as f:
+        assert f.read(len(before)) == before          # the blocks in use kept their bytes and places
+    assert os.listdir(os.path.join(store, schema.SEGS_NAME)) == []
