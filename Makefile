@@ -15,7 +15,7 @@ DEBS    := build/.debs
 LIBFUSE_STAMP := $(LIBFUSE)/.built
 PYFUSE3_STAMP := $(VENV)/.pyfuse3-$(PYFUSE3)
 
-.PHONY: setup test demo bench clean install uninstall
+.PHONY: setup test lint demo bench clean install uninstall
 
 setup: $(STAMP)
 
@@ -50,6 +50,11 @@ $(STAMP): pyproject.toml setup.py $(wildcard reflinkfs/*/*.c) reflinkfs/fuse/ext
 
 test: setup
 	$(PY) -m pytest -q
+
+# ruff and mypy, pinned in the test extras, on the package (settings in pyproject.toml)
+lint: setup
+	$(PY) -m ruff check reflinkfs
+	$(PY) -m mypy
 
 demo: setup
 	$(PY) scripts/memory_report.py --small

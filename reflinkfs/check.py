@@ -14,6 +14,7 @@ import bisect
 import os
 import stat
 import sqlite3
+import typing
 from dataclasses import dataclass, field
 
 import xxhash
@@ -35,7 +36,8 @@ class _Blocks:
 
     def __init__(self, data_path: str):
         self.data_path = data_path
-        self._seg, self._f = None, None
+        self._seg: int | None = None
+        self._f: typing.BinaryIO | None = None
 
     def read(self, pblock: int) -> bytes:
         seg, pos = locate(pblock)
@@ -86,7 +88,7 @@ def _diff(a: list[tuple[int, int, int]], b: list[tuple[int, int, int]]):
         return runs[i][2] if i < len(runs) and runs[i][0] <= p else 0
 
     ia, ib = [0], [0]
-    out = []
+    out: list = []
     for i in range(len(pts) - 1):
         va, vb = at(a, pts[i], ia), at(b, pts[i], ib)
         if va != vb:

@@ -128,7 +128,8 @@ def top_mount(path) -> MountEntry | None:
             here.append(MountEntry(int(fields[0]), int(fields[1]), target, tail[0], _unescape(tail[1])))
     below = {e.parent_id for e in here}
     tops = [e for e in here if e.mount_id not in below]
-    return (tops or here or [None])[-1]
+    found = tops or here
+    return found[-1] if found else None
 
 
 def is_mounted(path) -> bool:
@@ -375,7 +376,6 @@ def _mount(args, opts) -> int:
         finally:
             os._exit(code)
     os.close(wfd)
-    msg = b""
     with os.fdopen(rfd, "rb") as r:
         msg = r.readline().decode().strip()
     if msg.startswith("ok"):
@@ -561,7 +561,7 @@ def _clone_file(src: str, dst: str, force: bool) -> None:
             except OSError as e:
                 reason = {errno.EPERM: "permission denied", errno.EACCES: "permission denied",
                           errno.ENOSPC: "no space left in the store",
-                          errno.EINVAL: "source and destination are the same file"}.get(e.errno, e.strerror)
+                          errno.EINVAL: "source and destination are the same file"}.get(e.errno or 0, e.strerror)
                 raise StoreError(f"cannot clone {src} to {dst}: {reason}") from None
             # The daemon dropped the kernel's cached attributes of dst; fetch them now, so that what
             # the kernel decides from its cached size (where an O_APPEND write goes) is right at once.

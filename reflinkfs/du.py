@@ -38,6 +38,7 @@ def read_attribute(path, name: str) -> bytes:
     the daemon computes the answer once (os.getxattr asks again with a bigger buffer when the first is
     too small)."""
     buf = ctypes.create_string_buffer(XATTR_SIZE_MAX)
+    target: int | bytes
     if isinstance(path, int):
         f = _libc.fgetxattr
         f.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_void_p, ctypes.c_size_t]

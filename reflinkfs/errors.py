@@ -17,7 +17,7 @@ class FsError(OSError):
 
     @property
     def message(self) -> str:
-        return self.strerror
+        return self.strerror or ""
 
 
 class StoreError(Exception):

@@ -115,7 +115,7 @@ def main(argv: list[str] | None = None, prog: str = PROG) -> int:
     try:
         rc = cli.main(mount_args)
     except SystemExit as e:        # argparse refused a value (its one-line message is out)
-        rc = e.code
+        rc = 1 if e.code else 0
     return 32 if rc else 0        # mount(8)'s "mount failure"
 
 

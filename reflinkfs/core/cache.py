@@ -184,7 +184,7 @@ class Policy:
             self.protected[key] = None
         else:
             self.probation[key] = None
-        victims = []
+        victims: list = []
         while len(self) > self.budget and len(victims) < 2:
             if self.probation and (len(self.probation) > self.max_probation or not self.protected):
                 victim, _ = self.probation.popitem(last=False)
@@ -237,6 +237,12 @@ class _CacheBase(UncachedIO):
             self.policy.remove(key)
             self._unindexed(key)
 
+    def _read(self, ino: int, lstart: int, lend: int, ahead: int) -> list:
+        raise NotImplementedError      # each cache reads through its own keys
+
+    def distinct_physical_bytes(self) -> int:
+        raise NotImplementedError
+
     def _indexed(self, key) -> None:
         """A unit became resident (a subclass may index it)."""
 
@@ -274,7 +280,8 @@ class SharedCache(_CacheBase):
     def __init__(self, *args, readahead: int = 4 << 20, **kwargs):
         # a deeper window than the inode cache's: it is what keeps the disk busy while the loop serves
         # (measured: 1 MiB reads 1 GiB cold at ~320 MB/s, 4 MiB at ~490, on a disk doing ~576 MB/s)
-        super().__init__(*args, readahead=readahead, **kwargs)
+        kwargs["readahead"] = readahead
+        super().__init__(*args, **kwargs)
         self.loader = Loader(self.data)
         self._inflight: dict[int, _Job] = {}     # unit -> the job loading it
         self._ahead_to: dict[int, int] = {}      # ino -> logical block its readahead reaches
@@ -320,6 +327,7 @@ class SharedCache(_CacheBase):
             if None in es:
                 return None
             first, last = es[0], es[-1]
+            assert first is not None and last is not None
             if (first.valid & head != head or last.valid & tail != tail
                     or (u1 - u0 > 1 and min(map(_valid, es[1:-1])) != ALL_VALID)):
                 return None

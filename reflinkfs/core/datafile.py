@@ -302,6 +302,7 @@ class DataFile:
         if recent:
             self._drop_pages()            # start their writeback; the O_DIRECT read below waits for it
         h = None
+        data: bytes | memoryview
         try:
             h = self._pin(seg, create=False)
             if h is None:                 # a segment never written (or removed) reads as zeros
@@ -333,13 +334,13 @@ class DataFile:
             self._stats.reads += 1
             self._stats.bytes_read += got
         if len(data) < nbytes:
-            data = data + bytes(nbytes - len(data))
+            data = bytes(data) + bytes(nbytes - len(data))
         if queued:
             out = bytearray(data)
             for qb, qdata in queued:          # oldest first, so the newest write of a block wins
-                s, e = max(qb, pblock), min(qb + len(qdata) // BLOCK_SIZE, end)
-                out[(s - pblock) * BLOCK_SIZE:(e - pblock) * BLOCK_SIZE] = \
-                    memoryview(qdata)[(s - qb) * BLOCK_SIZE:(e - qb) * BLOCK_SIZE]
+                s, t = max(qb, pblock), min(qb + len(qdata) // BLOCK_SIZE, end)
+                out[(s - pblock) * BLOCK_SIZE:(t - pblock) * BLOCK_SIZE] = \
+                    memoryview(qdata)[(s - qb) * BLOCK_SIZE:(t - qb) * BLOCK_SIZE]
             data = bytes(out)
         return data
 
@@ -411,6 +412,7 @@ class DataFile:
             return
         seg, pos = locate(pblock)
         h = self._pin(seg, create=True)
+        assert h is not None              # create=True: the segment is made if it was missing
         try:
             done = -1
             if self._dontcache:

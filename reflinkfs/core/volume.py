@@ -39,7 +39,7 @@ from . import acl
 from . import extents as ext
 from .blockio import UncachedIO
 from . import segments
-from .datafile import DataFile
+from .datafile import Barrier, DataFile
 from .space import Space
 
 BS = BLOCK_SIZE
@@ -179,8 +179,10 @@ class Volume:
         self._memo = ReadMemo(db)
         self.io = (io_factory or UncachedIO)(data, self.space, self._memo.lookup)
         self._in_txn = False
-        self._open = collections.Counter()     # ino -> open handles (unlinked files live until 0)
-        self._lookups = collections.Counter()  # ino -> the kernel's lookup count under FUSE (same rule)
+        self._open: collections.Counter[int] = collections.Counter()     # ino -> open handles (unlinked
+        # files live until 0)
+        self._lookups: collections.Counter[int] = collections.Counter()  # ino -> the kernel's lookup count
+        # under FUSE (same rule)
         self._tmpfiles: set[int] = set()       # O_TMPFILE inodes not linked yet: the one link may give nlink 0 → 1
         self.last_commit = time.monotonic()
         self.commits = 0
@@ -189,7 +191,7 @@ class Volume:
         db.execute("PRAGMA wal_autocheckpoint=0")
         self._wal_path = os.path.join(store, schema.DB_NAME + "-wal")
         self._ckpt_db: sqlite3.Connection | None = None
-        self._barrier = None            # the last commit's (see commit)
+        self._barrier: Barrier | None = None            # the last commit's (see commit)
         # rows in `inodes`, kept in step by _new_inode/_free_inode and restored by a rollback, so that
         # statfs never counts a large table
         self._inode_rows = db.execute("SELECT COUNT(*) FROM inodes").fetchone()[0]
@@ -302,7 +304,10 @@ class Volume:
             self.commits += 1
             punch, gone = self.space.take_released()
             if punch or gone:         # freed segment blocks leave their files only once the commit is durable
-                self._barrier = self.data.barrier(lambda: (self.sync_meta(), self.data.release(punch, gone)))
+                def sync_then_release() -> None:
+                    self.sync_meta()
+                    self.data.release(punch, gone)
+                self._barrier = self.data.barrier(sync_then_release)
             else:
                 self._barrier = self.data.barrier(self.sync_meta)
         barrier = self._barrier if self._barrier is not None and not self._barrier.done else None

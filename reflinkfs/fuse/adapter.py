@@ -25,6 +25,7 @@ import logging
 import os
 import stat
 import time
+from typing import Callable
 
 import trio
 
@@ -77,9 +78,10 @@ class Handle:
 
 
 class Operations:
-    def __init__(self, volume: Volume, status=None, acl_enabled=lambda: True, invalidate=None):
+    def __init__(self, volume: Volume, status: Callable[[], dict] | None = None, acl_enabled=lambda: True,
+                 invalidate=None):
         self.vol = volume
-        self.status = status or (lambda: {})      # extra statistics from the composition root
+        self.status: Callable[[], dict] = status or dict   # extra statistics from the composition root
         self.acl_enabled = acl_enabled            # () -> the kernel enforces POSIX ACLs (INIT agreed)
         self.invalidate = invalidate              # invalidate(ino): drop the kernel's pages of ino (a thread)
         self.nursery: trio.Nursery | None = None  # where deferred requests run (mount.py sets it)
@@ -98,7 +100,7 @@ class Operations:
         if isinstance(exc, FsError):
             if exc.errno == errno.EIO:
                 log.error("%s: %s", op, exc.message)
-            return exc.errno
+            return exc.errno or errno.EIO
         if isinstance(exc, OSError):
             log.error("%s: %s", op, exc)
             return exc.errno or errno.EIO
@@ -109,6 +111,7 @@ class Operations:
 
     def spawn(self, coro, request) -> None:
         """Run a deferred request's coroutine in the mount's nursery and answer with what it gives."""
+        assert self.nursery is not None, "deferred requests come only while the mount's nursery runs"
         self.nursery.start_soon(self._answer, coro, request, name=f"fuse {request.op}")
 
     @staticmethod

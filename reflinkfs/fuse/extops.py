@@ -89,7 +89,7 @@ def load(strict: bool = True) -> LoadStatus:
     old = sys.getdlopenflags()
     sys.setdlopenflags(old | os.RTLD_GLOBAL)
     try:
-        from . import _extops
+        from . import _extops  # type: ignore[attr-defined]  # a C extension: mypy sees no module
     except ImportError as exc:
         if strict:
             raise

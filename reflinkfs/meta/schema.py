@@ -170,7 +170,8 @@ def open_store_db(store: str, thorough: bool = False) -> sqlite3.Connection:
             db.close()
         raise StoreError(f"{store}: metadata database is damaged or not a reflinkfs store ({e})") from None
     except StoreError:
-        db.close()
+        if db is not None:
+            db.close()
         raise
     if row is None:
         db.close()
