@@ -9,17 +9,7 @@ import argparse
 import sys
 
 from .errors import FsError, StoreError
-
-
-def _size(text: str) -> int:
-    units = {"k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
-    t = text.strip().lower().removesuffix("ib").removesuffix("b")
-    try:
-        if t and t[-1] in units:
-            return int(float(t[:-1]) * units[t[-1]])
-        return int(t)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a size: {text!r} (use bytes or a suffix K, M, G, T)") from None
+from .units import parse_size
 
 
 class _Parser(argparse.ArgumentParser):
@@ -33,7 +23,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
     s = sub.add_parser("mkfs", help="create a store")
     s.add_argument("store")
-    s.add_argument("--size", type=_size, default=0, help="limit the store's data to this many bytes")
+    s.add_argument("--size", type=parse_size, default=0, help="limit the store's data to this many bytes")
 
     s = sub.add_parser("fsck", help="check a store that is not mounted")
     s.add_argument("store")
@@ -79,11 +69,13 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if len(argv) >= 2 and argv[0] not in COMMANDS and not argv[0].startswith("-"):
         # `reflinkfs STORE MNT -o OPTS`: how fuse3's mount.fuse3 runs the program of a fuse.reflinkfs mount
-        from .mounthelper import main as helper_main
-        return helper_main(argv, prog="reflinkfs")
+        from . import mounthelper
+        return mounthelper.main(main, argv, prog="reflinkfs")
     args = parse_args(argv)
-    handler = (getattr(args, "handler", None) or globals().get(f"cmd_{args.cmd}")
-               or getattr(__import__("reflinkfs.commands").commands, f"cmd_{args.cmd}"))
+    handler = getattr(args, "handler", None) or globals().get(f"cmd_{args.cmd}")
+    if handler is None:
+        from . import commands
+        handler = getattr(commands, f"cmd_{args.cmd}")
     try:
         return handler(args)
     except (StoreError, FsError) as e:
@@ -96,6 +88,12 @@ def main(argv: list[str] | None = None) -> int:
         name = f" {e.filename}:" if e.filename else ""
         print(f"reflinkfs {args.cmd}:{name} {e.strerror or e}", file=sys.stderr)
         return 1
+
+
+def mount_helper(argv: list[str] | None = None) -> int:
+    """`mount.fuse.reflinkfs STORE MNT [-o OPTS]`: what mount(8) runs for -t fuse.reflinkfs."""
+    from . import mounthelper
+    return mounthelper.main(main, argv)
 
 
 if __name__ == "__main__":

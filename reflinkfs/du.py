@@ -7,23 +7,18 @@ per mount.
 """
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 import errno
 import json
 import os
 import sys
 
+from .client import read_attribute
 from .errors import StoreError
+from .xattrs import DU as XATTR_DU
 
-XATTR_DU = "user.reflinkfs.du"
 XATTR_NAME_MAX = 255
-XATTR_SIZE_MAX = 65536
 FIELDS = ("total", "exclusive", "shared", "set_shared", "set_exclusive")
 HEADINGS = ("Total", "Exclusive", "Shared", "Set shared", "Set excl.")
-
-_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-
 
 def add_parser(sub) -> None:
     s = sub.add_parser("du", help="total, exclusive and shared bytes of files and trees (like btrfs fi du -s)")
@@ -31,28 +26,6 @@ def add_parser(sub) -> None:
     s.add_argument("--json", action="store_true")
     s.add_argument("--raw", action="store_true", help="bytes instead of KiB, MiB, GiB")
     s.set_defaults(handler=cmd_du)
-
-
-def read_attribute(path, name: str) -> bytes:
-    """One getxattr (of a path, or of an open descriptor) with the largest buffer the kernel allows, so
-    the daemon computes the answer once (os.getxattr asks again with a bigger buffer when the first is
-    too small)."""
-    buf = ctypes.create_string_buffer(XATTR_SIZE_MAX)
-    target: int | bytes
-    if isinstance(path, int):
-        f = _libc.fgetxattr
-        f.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_void_p, ctypes.c_size_t]
-        target = path
-    else:
-        f = _libc.getxattr
-        f.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_void_p, ctypes.c_size_t]
-        target = os.fsencode(path)
-    f.restype = ctypes.c_ssize_t
-    n = f(target, name.encode(), buf, XATTR_SIZE_MAX)
-    if n < 0:
-        e = ctypes.get_errno()
-        raise OSError(e, os.strerror(e), None if isinstance(path, int) else path)
-    return buf.raw[:n]
 
 
 def _request(paths: list[str], inos: list[int]) -> dict:

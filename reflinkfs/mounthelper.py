@@ -8,7 +8,8 @@ How a mount of type fuse.reflinkfs reaches reflinkfs (util-linux 2.38, Debian fu
 - Without that file it falls back to `/sbin/mount.fuse` (fuse3's mount.fuse3), which drops `user`,
   `nouser`, `users`, `auto`, `noauto`, `_netdev`, `nofail`, adds `dev,suid` unless told nodev/nosuid, and
   runs `/bin/sh -c "reflinkfs STORE MNT -o OPTS"`: the program named after the subtype, found in PATH.
-  `reflinkfs` takes that form too (cli.main hands it here), so either route ends in `main` below.
+  `reflinkfs` takes that form too (cli.main hands it here), so either route ends in `main` below,
+  which runs the command line it is given (no import of cli: cli imports this module).
 
 `main` turns the -o list into `reflinkfs mount` arguments: our own options by name (TABLE), the
 options only mount(8) or systemd act on dropped (IGNORED), everything else passed to libfuse as FUSE
@@ -99,8 +100,9 @@ def parse(argv: list[str]) -> tuple[str, str, list[str], dict]:
     return store, mnt, options, flags
 
 
-def main(argv: list[str] | None = None, prog: str = PROG) -> int:
-    from . import cli
+def main(run, argv: list[str] | None = None, prog: str = PROG) -> int:
+    """Mount as mount(8) asks: `run` is the command line's main (reflinkfs.cli.main), given the translated
+    `reflinkfs mount` arguments."""
     argv = sys.argv[1:] if argv is None else argv
     try:
         store, mnt, options, flags = parse(argv)
@@ -113,7 +115,7 @@ def main(argv: list[str] | None = None, prog: str = PROG) -> int:
     if flags["fake"]:
         return 0
     try:
-        rc = cli.main(mount_args)
+        rc = run(mount_args)
     except SystemExit as e:        # argparse refused a value (its one-line message is out)
         rc = 1 if e.code else 0
     return 32 if rc else 0        # mount(8)'s "mount failure"

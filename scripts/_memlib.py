@@ -32,7 +32,7 @@ import subprocess
 import sys
 import time
 
-from reflinkfs.commands import is_mounted, lock_holders, pid_alive
+from reflinkfs.mounts import is_mounted, lock_holders, pid_alive
 
 PAGE = os.sysconf("SC_PAGE_SIZE")
 MiB = 1 << 20

@@ -37,7 +37,7 @@ import sys
 import tempfile
 import time
 
-from reflinkfs.commands import is_mounted
+from reflinkfs.mounts import is_mounted
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)

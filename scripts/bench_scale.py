@@ -52,7 +52,7 @@ sys.path.insert(0, ROOT)
 import xxhash  # noqa: E402
 
 from reflinkfs.check import fsck  # noqa: E402
-from reflinkfs.commands import is_mounted  # noqa: E402
+from reflinkfs.mounts import is_mounted  # noqa: E402
 from reflinkfs.meta import schema  # noqa: E402
 
 PY = sys.executable

@@ -31,7 +31,7 @@ import tempfile
 import threading
 import time
 
-from reflinkfs.commands import is_mounted
+from reflinkfs.mounts import is_mounted
 
 MiB = 1 << 20
 PROBE_FILE = 64 * MiB

@@ -50,7 +50,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from reflinkfs.commands import is_mounted, lock_holders
+from reflinkfs.mounts import is_mounted, lock_holders
 
 BS = 4096
 MAGIC = b"RLFSCRSH"

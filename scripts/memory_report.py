@@ -74,12 +74,12 @@ class Skip(Exception):
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
-    from reflinkfs.cli import _size
+    from reflinkfs.units import parse_size
     p = argparse.ArgumentParser(prog="memory_report.py", description="Memory cost of reading reflinked copies.")
     p.add_argument("--small", action="store_true", help="32 MiB base file and 4 copies (the demo)")
-    p.add_argument("--size", type=_size, help="base file size (default 256M; 32M with --small)")
+    p.add_argument("--size", type=parse_size, help="base file size (default 256M; 32M with --small)")
     p.add_argument("--copies", type=int, help="reflinked copies to read (default 8; 4 with --small)")
-    p.add_argument("--cache-size", type=_size, help="reflinkfs cache budget (default (copies + 1) x size)")
+    p.add_argument("--cache-size", type=parse_size, help="reflinkfs cache budget (default (copies + 1) x size)")
     p.add_argument("--modes", default=",".join(ALL_MODES), help=f"comma-separated, from {','.join(ALL_MODES)}")
     p.add_argument("--install-xfs", action="store_true", help="apt-get install xfsprogs if mkfs.xfs is missing")
     p.add_argument("--out", default=str(HERE / "out"), help="output directory (default scripts/out/)")

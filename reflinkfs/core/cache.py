@@ -573,7 +573,7 @@ class InodeCache(_CacheBase):
         pass   # a freed block is unmapped from its file first, and that dropped the file's units
 
     def distinct_physical_bytes(self) -> int:
-        from ..check import _coverage
+        from .intervals import coverage as _coverage
         return sum(e - s for s, e, _ in _coverage([r for en in self.entries.values() for r in en.phys])) * BS
 
 

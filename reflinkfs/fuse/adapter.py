@@ -29,6 +29,7 @@ from typing import Callable
 
 import trio
 
+from .. import xattrs
 from ..core import acl, du
 from ..core.volume import Attr, Volume
 from ..errors import FsError
@@ -50,15 +51,13 @@ FALLOC_FL_KEEP_SIZE = 0x01
 FALLOC_FL_PUNCH_HOLE = 0x02
 FALLOC_FL_ZERO_RANGE = 0x10
 
-# Virtual extended attributes: how tools and the `reflinkfs` commands see inside a mount. They are not
-# listed by listxattr (so `cp -a`/`tar --xattrs` never try to copy them) and cannot be set or removed,
-# except clone-from, which is the write-only request behind `reflinkfs clone`.
-VIRTUAL = b"user.reflinkfs."
-XATTR_EXTENTS = b"user.reflinkfs.extents"     # a file's extent map, JSON; pages: ...extents.<n>
-XATTR_STATUS = b"user.reflinkfs.status"       # on the root: cache, data-file and usage statistics
-XATTR_CLONE = b"user.reflinkfs.clone-from"    # set on a file to "<inode>" of a file this process has open
-XATTR_DU = b"user.reflinkfs.du"               # space used by the tree under an inode, JSON (core/du.py);
-                                               # ...du.<ino>.<ino>: that tree and those, and their union
+# Virtual extended attributes: how tools and the `reflinkfs` commands see inside a mount (names and rules
+# in reflinkfs/xattrs.py).
+VIRTUAL = xattrs.PREFIX.encode()
+XATTR_EXTENTS = xattrs.EXTENTS.encode()
+XATTR_STATUS = xattrs.STATUS.encode()
+XATTR_CLONE = xattrs.CLONE_FROM.encode()
+XATTR_DU = xattrs.DU.encode()                  # du.<ino>.<ino>...: those trees and their union (core/du.py)
 EXTENTS_PAGE = 1500                            # keeps a page under the kernel's 64 KiB xattr limit
 
 

@@ -27,7 +27,7 @@ from pathlib import Path
 
 import pytest
 
-from reflinkfs.commands import is_mounted, lock_holders, pid_alive
+from reflinkfs.mounts import is_mounted, lock_holders, pid_alive
 
 MOUNT_TIMEOUT = 30.0
 UMOUNT_TIMEOUT = 60.0

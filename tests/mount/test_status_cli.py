@@ -6,7 +6,7 @@ import json
 import os
 
 from mountutil import lock_holders, run_cli
-from reflinkfs.du import read_attribute
+from reflinkfs.client import read_attribute
 from reflinkfs.watch import watch
 
 MOUNT_OPTIONS = ["--commit-interval", "7", "--cache-size", "32M"]
