@@ -155,7 +155,10 @@ def point(copies_read: int, pid: int | None, files_page_cache: int, backing: lis
 
 def measure_copies(copies: list[Path], digest: int, pid, backing, status_fn, mapped: bool, notes: list,
                    stack: contextlib.ExitStack) -> list[dict]:
-    """Open (or map) and read every copy in turn; a point before the first and after each."""
+    """Open (or map) and read every copy in turn; a point before the first and after each. A progress bar
+    (copies read) on a terminal, nothing otherwise."""
+    from reflinkfs.progress import Progress
+    bar = stack.enter_context(Progress(len(copies), "copies read", unit=""))
     dropped = ml.drop_caches()
     if dropped:
         notes.append(dropped)
@@ -170,6 +173,7 @@ def measure_copies(copies: list[Path], digest: int, pid, backing, status_fn, map
             points.append(point(i, pid, sum(rep["page_cache"]), backing, cached0, status_fn(),
                                 {"mapper_rss": rep["rss"].get("VmRSS", 0),
                                  "mapper_rss_file": rep["rss"].get("RssFile", 0)}))
+            bar.advance(1)
         return points
     # every copy is opened before any is measured: opening a FUSE file drops its kernel pages
     fds = [os.open(p, os.O_RDONLY | os.O_CLOEXEC) for p in copies]
@@ -182,6 +186,7 @@ def measure_copies(copies: list[Path], digest: int, pid, backing, status_fn, map
         if got != digest:
             raise RuntimeError(f"{copies[i - 1]}: read {n} bytes that differ from the base file")
         points.append(point(i, pid, sum(ml.page_cache_bytes(f) for f in fds), backing, cached0, status_fn()))
+        bar.advance(1)
     return points
 
 
