@@ -652,7 +652,7 @@ def _clone_tree_request(mount_root: str, src: str, dst: str) -> dict:
             bar.finish()
     info = outcome()
     return {"entries": info.get("entries_done"), "bytes_shared": info.get("bytes_shared"),
-            "seconds": info.get("seconds")}
+            "seconds": info.get("seconds"), "longest_step_ms": info.get("longest_step_ms")}
 
 
 class _ProgressBar:

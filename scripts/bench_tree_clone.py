@@ -13,6 +13,7 @@ removed at the end.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
 import subprocess
@@ -31,11 +32,15 @@ def sh(*argv, check=True, **kw):
 
 
 def timed(*argv) -> float:
+    return timed_out(*argv)[0]
+
+
+def timed_out(*argv) -> tuple[float, str]:
     t = time.perf_counter()
     r = sh(*argv, check=False)
     if r.returncode:
         raise SystemExit(f"{' '.join(map(str, argv))} failed: {r.stderr.strip()}")
-    return time.perf_counter() - t
+    return time.perf_counter() - t, r.stdout
 
 
 class StatLoop:
@@ -101,8 +106,10 @@ def main(argv=None) -> int:
         for label, tree in (("stdlib", one), ("10x stdlib", ten), (f"{args.files} files", gen)):
             n = count_entries(tree)
             with StatLoop(probe) as s:
-                t = timed(*CLI, "clone", "-r", tree, mnt / f"rc-{tree.name}")
-            rows.append((label, n, "reflinkfs clone -r", t, f"{s.worst * 1000:.1f} ms ({s.count} stats)"))
+                t, out = timed_out(*CLI, "clone", "-r", "--json", tree, mnt / f"rc-{tree.name}")
+            step = json.loads(out)["longest_step_ms"]
+            rows.append((label, n, "reflinkfs clone -r", t,
+                         f"{s.worst * 1000:.1f} ms ({s.count} stats; longest daemon step {step:.1f} ms)"))
             if tree is not gen:
                 rows.append((label, n, "reflinkfs cp -a --reflink=auto", timed("cp", "-a", "--reflink=auto", tree,
                                                                               mnt / f"cp-{tree.name}"), ""))

@@ -362,6 +362,7 @@ class Operations:
             raise FsError(errno.EINVAL, "bad clone-tree token")
         cred = Cred.of_pid(pid)
         started = time.monotonic()
+        longest = 0.0
         outcome: dict = {"phase": "waiting", "entries_total": 0, "entries_done": 0, "bytes_shared": 0}
         self._tree_clones[token] = outcome
         while len(self._tree_clones) > TREE_RESULTS:
@@ -378,18 +379,27 @@ class Operations:
                 def report() -> dict:
                     return {"phase": progress.phase, "entries_total": progress.entries_total,
                             "entries_done": progress.entries_done, "bytes_shared": progress.bytes_shared,
-                            "seconds": time.monotonic() - started}
+                            "seconds": time.monotonic() - started, "longest_step_ms": longest * 1000}
                 self._tree_clones[token] = report
                 self._tree_active = progress
                 try:
-                    while tc.step():           # one batch, one core operation; other requests in between
+                    while True:                # one batch, one core operation; other requests in between
+                        t = time.monotonic()
+                        more = tc.step()
+                        longest = max(longest, time.monotonic() - t)
+                        if not more:
+                            break
                         await trio.sleep(0)
                 except BaseException:
                     tc.abort()
                     raise
                 finally:
                     self._tree_active = None
+                t = time.monotonic()
                 tc.publish()
+                longest = max(longest, time.monotonic() - t)
+                log.info("tree clone: %d entries in %.2f s, longest step %.1f ms", progress.entries_done,
+                         time.monotonic() - started, longest * 1000)
                 self.clones += 1
                 self.cloned_bytes += progress.bytes_shared
                 self._tree_clones[token] = report()
