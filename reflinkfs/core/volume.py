@@ -37,6 +37,7 @@ from ..meta import schema
 from ..meta.schema import BLOCK_SIZE, ROOT_INO
 from . import acl
 from . import extents as ext
+from . import treeclone
 from .blockio import UncachedIO
 from . import segments
 from .datafile import Barrier, DataFile
@@ -196,6 +197,7 @@ class Volume:
         # statfs never counts a large table
         self._inode_rows = db.execute("SELECT COUNT(*) FROM inodes").fetchone()[0]
         self._purge_orphans()
+        treeclone.purge_staging(self)       # a tree clone the daemon did not finish (core/treeclone.py)
 
     # -- lifetime ------------------------------------------------------------------------------
     @classmethod

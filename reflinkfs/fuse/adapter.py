@@ -31,6 +31,7 @@ import trio
 
 from .. import xattrs
 from ..core import acl, du
+from ..core.treeclone import Cred, TreeClone, TreeProgress
 from ..core.volume import Attr, Volume
 from ..errors import FsError
 
@@ -58,6 +59,9 @@ XATTR_EXTENTS = xattrs.EXTENTS.encode()
 XATTR_STATUS = xattrs.STATUS.encode()
 XATTR_CLONE = xattrs.CLONE_FROM.encode()
 XATTR_DU = xattrs.DU.encode()                  # du.<ino>.<ino>...: those trees and their union (core/du.py)
+XATTR_CLONE_TREE = xattrs.CLONE_TREE.encode()  # set on DST's parent to b"<src inode>\0<token>\0<name>"
+                                               # (clone -r); on the root, ...clone-tree.<token> reads its progress
+TREE_RESULTS = 64                              # finished tree clones whose outcome stays readable
 EXTENTS_PAGE = 1500                            # keeps a page under the kernel's 64 KiB xattr limit
 
 
@@ -91,6 +95,10 @@ class Operations:
         self._removed_at = -FORGET_WINDOW      # monotonic time of the last unlink/rmdir/rename
         self._commit_lock = trio.Lock()
         self._syncing: trio.Event | None = None   # set while a commit syncs the data file in a thread
+        self._tree_lock = trio.Lock()             # one tree clone at a time (its tables are the volume's)
+        # token -> a tree clone's outcome, or while it runs a function reporting its progress
+        self._tree_clones: dict[bytes, dict | Callable[[], dict]] = {}
+        self._tree_active: TreeProgress | None = None   # the running tree clone's progress
 
     # -- the layer's hooks ---------------------------------------------------------------------
     @staticmethod
@@ -255,6 +263,8 @@ class Operations:
     def setxattr(self, ino: int, name: bytes, value: bytes, flags: int, pid: int):
         if name == XATTR_CLONE:
             return self._clone_from(ino, value, pid)
+        if name == XATTR_CLONE_TREE:
+            return self._clone_tree(ino, value, pid)
         self._check_settable(name)
         if flags & (os.XATTR_CREATE | os.XATTR_REPLACE):
             try:
@@ -291,8 +301,15 @@ class Operations:
             st = {"cache": self.vol.io.stats(), "data_file": vars(self.vol.data.stats()),
                   "usage": self.vol.usage(), "commits": self.vol.commits,
                   "open_handles": len(self._handles), "clones": self.clones,
-                  "cloned_bytes": self.cloned_bytes, **self.status()}
+                  "cloned_bytes": self.cloned_bytes,
+                  "tree_clone_entries_done": self._tree_active.entries_done if self._tree_active else 0,
+                  **self.status()}
             return json.dumps(st).encode()
+        if name.startswith(XATTR_CLONE_TREE + b".") and inode == ROOT_INODE:
+            info = self._tree_clones.get(name[len(XATTR_CLONE_TREE) + 1:])
+            if info is None:
+                raise FsError(errno.ENODATA)
+            return json.dumps(info() if callable(info) else info).encode()
         if name == XATTR_EXTENTS or name.startswith(XATTR_EXTENTS + b"."):
             suffix = name[len(XATTR_EXTENTS) + 1:]
             if suffix and not suffix.isdigit():
@@ -346,6 +363,74 @@ class Operations:
         await self._drop_kernel_cache(dst)
         self.vol.clone_file(src, dst)        # no await between the checks inside it and the change
         await self._drop_kernel_cache(dst)
+
+    async def _clone_tree(self, parent: int, value: bytes, pid: int) -> None:
+        """`reflinkfs clone -r`: clone directory SRC as (parent, name) in one request (core/treeclone.py).
+
+        The caller's credentials (from /proc, as FUSE gives setxattr only the pid) decide what it may
+        clone, checked as `cp -r` would be; the kernel has checked write permission on parent. The tree
+        is built in batches, each one operation, with the loop serving other requests between them; the
+        new name appears at once at the end. Its progress and outcome are read from the root's
+        ...clone-tree.<token> attribute."""
+        try:
+            src_s, token, name = value.split(b"\0", 2)
+            src = int(src_s)
+        except ValueError:
+            raise FsError(errno.EINVAL, "clone-tree takes b'<inode>\\0<token>\\0<name>'") from None
+        if not token or len(token) > 64:
+            raise FsError(errno.EINVAL, "bad clone-tree token")
+        cred = Cred.of_pid(pid)
+        started = time.monotonic()
+        longest = 0.0
+        outcome: dict = {"phase": "waiting", "entries_total": 0, "entries_done": 0, "bytes_shared": 0}
+        self._tree_clones[token] = outcome
+        while len(self._tree_clones) > TREE_RESULTS:
+            del self._tree_clones[next(iter(self._tree_clones))]
+        try:
+            async with self._tree_lock:
+                # files held open may have dirty mapped pages: have the kernel write them back first, so
+                # the clone sees what a reader sees (each a thread call; the loop serves the writes)
+                for ino in {h.ino for h in self._handles.values()}:
+                    await self._drop_kernel_cache(ino)
+                tc = TreeClone(self.vol, src, parent, name, cred)
+                progress = tc.progress
+
+                def report() -> dict:
+                    return {"phase": progress.phase, "entries_total": progress.entries_total,
+                            "entries_done": progress.entries_done, "bytes_shared": progress.bytes_shared,
+                            "seconds": time.monotonic() - started, "longest_step_ms": longest * 1000}
+                self._tree_clones[token] = report
+                self._tree_active = progress
+                try:
+                    while True:                # one batch, one core operation; other requests in between
+                        t = time.monotonic()
+                        more = tc.step()
+                        longest = max(longest, time.monotonic() - t)
+                        if not more:
+                            break
+                        await trio.sleep(0)
+                except BaseException:
+                    tc.abort()
+                    raise
+                finally:
+                    self._tree_active = None
+                t = time.monotonic()
+                tc.publish()
+                longest = max(longest, time.monotonic() - t)
+                log.info("tree clone: %d entries in %.2f s, longest step %.1f ms", progress.entries_done,
+                         time.monotonic() - started, longest * 1000)
+                self.clones += 1
+                self.cloned_bytes += progress.bytes_shared
+                self._tree_clones[token] = report()
+        except FsError as e:
+            outcome.update(phase="failed", error=e.message, errno=e.errno,
+                           path=os.fsdecode(getattr(e, "path", b"") or b"") or None)
+            self._tree_clones[token] = outcome
+            raise
+        # The kernel cached parent's attributes (nlink, mtime); it caches no negative entry for name (a
+        # failed lookup is answered with an error, not an entry). Invalidating the entry here would
+        # deadlock: the kernel holds parent's inode lock for this setxattr until it is answered.
+        await self._drop_kernel_cache(parent)
 
     async def _drop_kernel_cache(self, ino: int) -> None:
         """Have the kernel write back the inode's dirty mapped pages and drop its cached pages and

@@ -273,3 +273,33 @@ def test_clone_needs_read_permission_on_the_source(test_user, shared_dir, mounts
     # and reading the secret itself is refused by the kernel, as it should be
     r = _as_user(test_user, py, "-c", f"open({str(secret)!r}, 'rb')")
     assert r.returncode != 0 and "PermissionError" in r.stderr
+
+
+def test_clone_r_names_the_entry_the_caller_may_not_read(test_user, shared_dir, mounts, public_pythonpath):
+    """clone -r checks every entry as `cp -r` would need, in the daemon, with the caller's credentials;
+    a refusal names the entry and leaves no destination."""
+    _PYTHONPATH[0] = public_pythonpath
+    m = mounts.mount(mounts.store(), shared_dir / "mnt", options=["-o", "allow_other"])
+    os.chmod(m.mnt, 0o755)
+    drop = m.path("drop")
+    drop.mkdir()
+    os.chmod(drop, 0o777)     # not sticky: in a sticky directory only its owner may set user.* attributes
+    tree = m.path("tree")
+    (tree / "sub").mkdir(parents=True)
+    os.chmod(tree, 0o755)
+    os.chmod(tree / "sub", 0o755)
+    (tree / "sub" / "ok").write_bytes(b"readable")
+    secret = tree / "sub" / "secret"
+    secret.write_bytes(rnd(2 * BS, 6))
+    os.chmod(secret, 0o600)
+    py = _user_python(test_user)
+    r = _as_user(test_user, py, "-m", "reflinkfs.cli", "clone", "-r", tree, drop / "copy")
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode != 0 and len(lines) == 1 and "Traceback" not in r.stderr, r.stderr
+    assert "sub/secret" in lines[0] and "cannot read" in lines[0], lines[0]
+    assert not (drop / "copy").exists() and os.listdir(drop) == []
+    os.chmod(secret, 0o644)
+    r = _as_user(test_user, py, "-m", "reflinkfs.cli", "clone", "-r", tree, drop / "copy")
+    assert r.returncode == 0, r.stderr
+    assert (drop / "copy" / "sub" / "secret").read_bytes() == secret.read_bytes()
+    assert os.stat(drop / "copy" / "sub" / "secret").st_uid == test_user.pw_uid   # the caller's, as with cp

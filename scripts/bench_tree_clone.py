@@ -1,0 +1,157 @@
+"""How long `reflinkfs clone -r` of whole trees takes, against `cp -a --reflink=auto` in the mount and XFS
+`cp -a --reflink=always` on a loop device, and the longest stall a concurrent stat loop sees.
+
+    python scripts/bench_tree_clone.py [--tree /usr/lib/python3.11] [--files 100000] [--dir DIR]
+
+A benchmark, not a test. Trees: the --tree directory (the standard library), 10 copies of it, and
+--files generated small files (100 per directory). Each command is timed from outside, start-up
+included. While each `reflinkfs clone -r` runs, a thread stats one file of the mount in a loop and the
+longest single stat is reported ("stall"). XFS is set up on a loop device when mkfs.xfs exists and
+the machine lets us mount it (root); otherwise the row says why not. Everything is unmounted and
+removed at the end.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+CLI = [sys.executable, "-m", "reflinkfs.cli"]
+
+
+def sh(*argv, check=True, **kw):
+    return subprocess.run([str(a) for a in argv], check=check, capture_output=True, text=True, **kw)
+
+
+def timed(*argv) -> float:
+    return timed_out(*argv)[0]
+
+
+def timed_out(*argv) -> tuple[float, str]:
+    t = time.perf_counter()
+    r = sh(*argv, check=False)
+    if r.returncode:
+        raise SystemExit(f"{' '.join(map(str, argv))} failed: {r.stderr.strip()}")
+    return time.perf_counter() - t, r.stdout
+
+
+class StatLoop:
+    """stat() one path in a loop in a thread; the longest one is the stall the mount showed."""
+    def __init__(self, path: Path):
+        self.path, self.worst, self.count = path, 0.0, 0
+        self._stop = threading.Event()
+        self._t = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self):
+        while not self._stop.is_set():
+            t = time.perf_counter()
+            os.stat(self.path)
+            self.worst = max(self.worst, time.perf_counter() - t)
+            self.count += 1
+
+    def __enter__(self):
+        self._t.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._t.join()
+
+
+def count_entries(root: Path) -> int:
+    return sum(len(d) + len(f) for _, d, f in os.walk(root))
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--tree", default=f"/usr/lib/python{sys.version_info.major}.{sys.version_info.minor}")
+    ap.add_argument("--files", type=int, default=100_000)
+    ap.add_argument("--dir", default=None)
+    args = ap.parse_args(argv)
+    os.environ["PYTHONPATH"] = str(REPO)
+    base = Path(tempfile.mkdtemp(prefix="bench-tree-", dir=args.dir))
+    store, mnt = base / "store", base / "mnt"
+    mnt.mkdir()
+    rows = []
+    mounted = xfs_mounted = False
+    loop = None
+    try:
+        sh(*CLI, "mkfs", store)
+        sh(*CLI, "mount", store, mnt)
+        mounted = True
+        one = mnt / "one"
+        sh("cp", "-a", args.tree, one)
+        ten = mnt / "ten"
+        ten.mkdir()
+        for i in range(10):
+            sh(*CLI, "clone", "-r", one, ten / f"c{i}")
+        gen = mnt / "gen"
+        gen.mkdir()
+        for d in range(args.files // 100):
+            sub = gen / f"d{d:05d}"
+            sub.mkdir()
+            for i in range(100):
+                (sub / f"f{i:02d}").write_bytes(b"x" * (i * 13))
+        sh(*CLI, "umount", mnt)          # start from a committed store, as after a normal day
+        sh(*CLI, "mount", store, mnt)
+        probe = mnt / "one" / "os.py"
+        for label, tree in (("stdlib", one), ("10x stdlib", ten), (f"{args.files} files", gen)):
+            n = count_entries(tree)
+            with StatLoop(probe) as s:
+                t, out = timed_out(*CLI, "clone", "-r", "--json", tree, mnt / f"rc-{tree.name}")
+            step = json.loads(out)["longest_step_ms"]
+            rows.append((label, n, "reflinkfs clone -r", t,
+                         f"{s.worst * 1000:.1f} ms ({s.count} stats; longest daemon step {step:.1f} ms)"))
+            if tree is not gen:
+                rows.append((label, n, "reflinkfs cp -a --reflink=auto", timed("cp", "-a", "--reflink=auto", tree,
+                                                                              mnt / f"cp-{tree.name}"), ""))
+        # XFS on a loop device
+        xfs_note = ""
+        if shutil.which("mkfs.xfs") is None:
+            xfs_note = "mkfs.xfs not installed"
+        else:
+            img, xmnt = base / "xfs.img", base / "xfs"
+            xmnt.mkdir()
+            with open(img, "wb") as f:
+                f.truncate(4 << 30)
+            try:
+                sh("mkfs.xfs", "-q", "-m", "reflink=1", img)
+                loop = sh("losetup", "--find", "--show", img).stdout.strip()
+                sh("mount", loop, xmnt)
+                xfs_mounted = True
+                sh("cp", "-a", args.tree, xmnt / "one")
+                (xmnt / "ten").mkdir()
+                for i in range(10):
+                    sh("cp", "-a", "--reflink=always", xmnt / "one", xmnt / "ten" / f"c{i}")
+                for label, name in (("stdlib", "one"), ("10x stdlib", "ten")):
+                    sh("sync")
+                    t = timed("cp", "-a", "--reflink=always", xmnt / name, xmnt / f"rc-{name}")
+                    rows.append((label, count_entries(xmnt / name), "XFS cp -a --reflink=always", t, ""))
+            except subprocess.CalledProcessError as e:
+                xfs_note = f"XFS not measured: {' '.join(map(str, e.cmd))}: {e.stderr.strip()}"
+        print(f"{'tree':<16} {'entries':>8}  {'command':<32} {'seconds':>8}  stall (longest stat)")
+        for label, n, cmd, t, stall in rows:
+            print(f"{label:<16} {n:>8}  {cmd:<32} {t:>8.2f}  {stall}")
+        if xfs_note:
+            print(xfs_note)
+    finally:
+        if xfs_mounted:
+            sh("umount", base / "xfs", check=False)
+        if loop:
+            sh("losetup", "-d", loop, check=False)
+        if mounted:
+            sh(*CLI, "umount", mnt, check=False)
+        shutil.rmtree(base, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
