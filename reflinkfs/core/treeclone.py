@@ -166,9 +166,9 @@ class TreeClone:
             raise FsError(errno.ENOTDIR, "the destination's parent is not a directory")
         if p.nlink == 0:
             raise FsError(errno.ENOENT, "the destination's directory was removed")
-        if self.vol._is_ancestor(self.src, self.dst_parent):
+        if self.vol.is_ancestor(self.src, self.dst_parent):
             raise FsError(errno.EINVAL, "the destination is inside the source")
-        if self.vol._child(self.dst_parent, self.dst_name) is not None:
+        if self.vol.child(self.dst_parent, self.dst_name) is not None:
             raise FsError(errno.EEXIST, "the destination exists")
         if not may(self.cred, p.mode, p.uid, p.gid, self._acl(self.dst_parent), 3):
             raise FsError(errno.EACCES, "no write permission in the destination's directory")
@@ -259,7 +259,7 @@ class TreeClone:
         ex = self.db.execute
         self.progress.phase = "copy"
         ex("DELETE FROM tc_queue")
-        with self.vol._op():
+        with self.vol.operation():
             new = self._copy_inodes("SELECT ? AS old", (self.src,))
             ex("INSERT INTO dirents(parent, name, ino) VALUES (?, ?, ?)", (STAGING_PARENT, self.staging_name, new))
         self._staged_root = new
@@ -287,7 +287,7 @@ class TreeClone:
            (keep_owner, keep_owner, cred.uid if cred is not None else 0, keep_owner,
             cred.gid if cred is not None else 0,
             now, base))
-        self.vol._inode_rows += n
+        self.vol.inodes_added(n)
         ex("INSERT INTO xattrs(ino, name, value) SELECT m.new, x.name, x.value FROM tc_map m "
            "JOIN xattrs x ON x.ino = m.old WHERE m.new >= ?", (base,))
         ex("INSERT INTO extents(ino, lblock, pblock, nblocks) SELECT m.new, e.lblock, e.pblock, e.nblocks "
@@ -304,7 +304,7 @@ class TreeClone:
         if not taken:
             return False
         ex = self.db.execute
-        with self.vol._op():
+        with self.vol.operation():
             base = self._copy_inodes("SELECT old FROM tc_batch", ())
             ex("INSERT INTO dirents(parent, name, ino) SELECT b.new_parent, b.name, m.new FROM tc_batch b "
                "JOIN tc_map m ON m.old = b.old ORDER BY b.id")
@@ -338,18 +338,18 @@ class TreeClone:
     def publish(self):
         """Give the staging tree its name: one UPDATE. Refuses (and frees it) if DST appeared meanwhile."""
         try:
-            with self.vol._op():
+            with self.vol.operation():
                 p = self.vol.getattr(self.dst_parent)
                 if not stat.S_ISDIR(p.mode) or p.nlink == 0:
                     raise FsError(errno.ENOENT, "the destination's directory was removed")
-                if self.vol._child(self.dst_parent, self.dst_name) is not None:
+                if self.vol.child(self.dst_parent, self.dst_name) is not None:
                     raise FsError(errno.EEXIST, "the destination exists")
-                if self.vol._is_ancestor(self.src, self.dst_parent):
+                if self.vol.is_ancestor(self.src, self.dst_parent):
                     raise FsError(errno.EINVAL, "the destination is inside the source")
                 self.db.execute("UPDATE dirents SET parent=?, name=? WHERE parent=? AND name=?",
                                 (self.dst_parent, self.dst_name, STAGING_PARENT, self.staging_name))
                 self.db.execute("UPDATE inodes SET nlink=nlink+1 WHERE ino=?", (self.dst_parent,))
-                self.vol._touch(self.dst_parent)
+                self.vol.touch(self.dst_parent)
                 a = self.vol.getattr(self._staged_root)
         except BaseException:
             self.abort()
@@ -385,7 +385,7 @@ def free_staging(vol, name: bytes) -> int:
     """Free the staging tree `name` (an interrupted or failed tree clone): every inode under it, their
     extents' references, xattrs and entries. One operation; returns the number of inodes freed."""
     db = vol.db
-    with vol._op():
+    with vol.operation():
         row = db.execute("SELECT ino FROM dirents WHERE parent=? AND name=?", (STAGING_PARENT, name)).fetchone()
         if row is None:
             return 0
@@ -401,7 +401,7 @@ def free_staging(vol, name: bytes) -> int:
         db.execute("DELETE FROM dirents WHERE parent IN (SELECT ino FROM tc_free)")
         db.execute("DELETE FROM dirents WHERE parent=? AND name=?", (STAGING_PARENT, name))
         n = db.execute("DELETE FROM inodes WHERE ino IN (SELECT ino FROM tc_free)").rowcount
-        vol._inode_rows -= n
+        vol.inodes_added(-n)
         db.execute("DROP TABLE temp.tc_free")
     return n
 

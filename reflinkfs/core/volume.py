@@ -627,6 +627,28 @@ class Volume:
             ino = row[0]
         return anc == ROOT_INO
 
+    # -- for modules that build operations of their own on the core's (core/treeclone.py) ----------
+    def operation(self):
+        """A context: one operation, all or nothing (rolled back on an exception), as every method here."""
+        return self._op()
+
+    def child(self, parent: int, name: bytes) -> int | None:
+        """The inode that name in parent names, or None."""
+        return self._child(parent, name)
+
+    def is_ancestor(self, anc: int, ino: int) -> bool:
+        """Whether anc is ino or one of its ancestors."""
+        return self._is_ancestor(anc, ino)
+
+    def touch(self, ino: int) -> None:
+        """Set ino's mtime and ctime to now."""
+        self._touch(ino)
+
+    def inodes_added(self, n: int) -> None:
+        """n inode rows were inserted (or, negative, deleted) with set-based SQL: keep statfs's count, as
+        the rollback of the surrounding operation does."""
+        self._inode_rows += n
+
     def rename(self, old_parent: int, old_name: bytes, new_parent: int, new_name: bytes, flags: int = 0) -> None:
         if flags & ~(RENAME_NOREPLACE | RENAME_EXCHANGE) or flags == (RENAME_NOREPLACE | RENAME_EXCHANGE):
             raise FsError(errno.EINVAL, "unsupported rename flags")
