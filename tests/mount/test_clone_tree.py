@@ -78,8 +78,9 @@ def test_clone_r_refusals_name_the_problem(fs, workdir):
 
 
 def test_kill_during_a_tree_clone_leaves_no_dst_or_all_of_it(mounts, tmp_path):
-    """Several rounds: SIGKILL the daemon at a random moment of `clone -r` of a tree big enough to take
-    many batches; fsck must be clean, and after a remount DST is absent or identical to SRC."""
+    """Several rounds (REFLINKFS_TREE_CRASH_ROUNDS, default 4): SIGKILL the daemon at a random moment of
+    `clone -r` of a tree big enough to take many batches; fsck must be clean, and after a remount DST is
+    absent or identical to SRC."""
     store = mounts.store()
     m = mounts.mount(store)
     src = m.mnt / "src"
@@ -93,19 +94,30 @@ def test_kill_during_a_tree_clone_leaves_no_dst_or_all_of_it(mounts, tmp_path):
     m.unmount()
     rng = random.Random(19)
     outcomes = []
-    for rnd_no in range(4):
+    for rnd_no in range(int(os.environ.get("REFLINKFS_TREE_CRASH_ROUNDS", "4"))):
         m = mounts.mount(store)
         dst = m.mnt / f"dst{rnd_no}"
         clone = subprocess.Popen(cli_cmd("clone", "-r", m.mnt / "src", dst), stdout=subprocess.DEVNULL,
                                  stderr=subprocess.DEVNULL)
-        # kill once the daemon has built part of the tree (its progress says so), at a random point
-        target = rng.randrange(0, 5000)
+        # kill once the daemon has built part of the tree (its progress says so), at a random point; or,
+        # in some rounds, after the clone returned and a directory fsync committed it: DST must then be whole
+        target = rng.randrange(0, 8000) if rnd_no else 10 ** 9        # round 0: after the clone returned
         wait_for(lambda: _entries_done(m.mnt) >= target or clone.poll() is not None, 60, "clone progress")
+        if clone.poll() is not None and (rnd_no == 0 or rng.random() < 0.5):
+            fd = os.open(m.mnt, os.O_RDONLY | os.O_DIRECTORY)
+            try:
+                os.fsync(fd)                                      # commits everything done through the mount
+            finally:
+                os.close(fd)
+            committed = clone.returncode == 0
+        else:
+            committed = False
         os.kill(m.pid, signal.SIGKILL)
         clone.wait(timeout=60)
         m.force_unmount()
         assert_fsck_clean(store)
         m = mounts.mount(store)
+        assert not committed or (m.mnt / f"dst{rnd_no}").exists(), "a committed clone is gone"
         if (m.mnt / f"dst{rnd_no}").exists():
             outcomes.append("complete")
             diff = diff_snapshots(want, snapshot(m.mnt / f"dst{rnd_no}"))
@@ -114,7 +126,7 @@ def test_kill_during_a_tree_clone_leaves_no_dst_or_all_of_it(mounts, tmp_path):
             outcomes.append("absent")
         assert sorted(p for p in os.listdir(m.mnt) if p.startswith(".")) == []
         m.unmount()
-    assert "absent" in outcomes, outcomes
+    assert "absent" in outcomes and "complete" in outcomes, outcomes
 
 
 def _entries_done(mnt) -> int:
