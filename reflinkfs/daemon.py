@@ -124,9 +124,7 @@ def _mount(args, opts) -> int:
     if args.foreground:
         mount.setup_logging(args.debug, args.log)
 
-        def ready(warning):
-            if warning:
-                print(warning, file=sys.stderr)
+        def ready():
             print(f"mounted {args.store} on {args.mountpoint}", file=sys.stderr)
         try:
             return mount.run(opts, ready)
@@ -150,8 +148,8 @@ def _mount(args, opts) -> int:
             os.dup2(logfd, 2)
             mount.setup_logging(args.debug, log_path)
 
-            def ready(warning):
-                os.write(wfd, f"ok {warning or ''}\n".encode())
+            def ready():
+                os.write(wfd, b"ok\n")
                 os.close(wfd)
             code = mount.run(opts, ready)
         except (StoreError, OSError, RuntimeError) as e:
@@ -171,9 +169,7 @@ def _mount(args, opts) -> int:
     os.close(wfd)
     with os.fdopen(rfd, "rb") as r:
         msg = r.readline().decode().strip()
-    if msg.startswith("ok"):
-        if msg[2:].strip():
-            print(msg[2:].strip(), file=sys.stderr)
+    if msg == "ok":
         return 0
     if msg.startswith("error"):
         os.waitpid(pid, 0)

@@ -52,7 +52,7 @@ def fuse_option_set(opts: MountOptions) -> set[str]:
 
 
 def run(opts: MountOptions, ready=None) -> int:
-    """Mount and serve until unmounted or signalled. `ready(message)` is called once the mount is live."""
+    """Mount and serve until unmounted or signalled. `ready()` is called once the mount is live."""
     from ..errors import StoreError
     from . import extops
     loaded = extops.load(strict=False)   # before pyfuse3 is imported anywhere in this process
@@ -85,7 +85,7 @@ def run(opts: MountOptions, ready=None) -> int:
                 raise StoreError(f"{opts.mountpoint}: cannot mount: the session did not take reflinkfs's "
                                  "table of operations (reflinkfs.fuse.extops did not interpose libfuse)")
             if ready:
-                ready(None)
+                ready()
 
             async def main():
                 async with trio.open_nursery() as nursery:
