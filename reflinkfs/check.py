@@ -76,6 +76,27 @@ class Report:
     def clean(self) -> bool:
         return not self.findings
 
+    @property
+    def leftovers(self) -> list[str]:
+        """Findings a crash leaves in a sound store and the next mount finishes (see is_leftover)."""
+        return [f for f in self.findings if is_leftover(f)]
+
+    @property
+    def damage(self) -> list[str]:
+        """The other findings: what no crash of reflinkfs leaves behind."""
+        return [f for f in self.findings if not is_leftover(f)]
+
+
+# What a crash may leave, each finished by the next mount: an inode unlinked while open, a segment file
+# the commit deleted (or that an uncommitted operation made), blocks the commit freed but did not punch
+# yet (or that an uncommitted write filled), a segment file whose size the commit had not set yet.
+LEFTOVER_MARKS = ("freed at next mount)", "the next mount deletes it)", "the next mount punches them)",
+                  "the next mount sets its size)")
+
+
+def is_leftover(finding: str) -> bool:
+    return finding.endswith(LEFTOVER_MARKS)
+
 
 def _diff(a: list[tuple[int, int, int]], b: list[tuple[int, int, int]]):
     """Ranges where two piecewise-constant functions differ: (start, end, value_a, value_b)."""
@@ -366,7 +387,8 @@ def check_segments(db, data_path: str) -> list[str]:
         finally:
             os.close(fd)
         if have != size:
-            out.append(f"segment {seg}: its file is {have} bytes, the metadata says {size}")
+            out.append(f"segment {seg}: its file is {have} bytes, the metadata says {size} (the next mount sets "
+                       f"its size)")
         base = seg_base(seg)
         seg_used = [(s - base, e - s) for s, e, _ in used if base <= s < base + SEG_BLOCKS]
         for s, e, u, h in _diff([(s, s + n, 1) for s, n in seg_used], [(s, e, 1) for s, e in ranges])[:20]:

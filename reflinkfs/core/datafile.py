@@ -150,6 +150,8 @@ class DataFile:
         self._seg_lock = threading.Lock()
         self._segs: collections.OrderedDict[int, _Seg] = collections.OrderedDict()   # LRU, oldest first
         self._dirty: set[int] = set()      # segments > 0 written since the last sync (under _cond)
+        self._new_files = False            # a segment file was created since the last sync (under _cond)
+        self._seg_size: dict[int, int] = {}   # the loop's: size of a segment's file once the queue is applied
         self._stats = DataFileStats(direct_io=self._dfd >= 0)
         self._buf = AlignedBuffer()        # the loop's, for O_DIRECT reads
         self._last: tuple[int, bytes] | None = None   # (pblock, contents) of the last block written
@@ -210,12 +212,14 @@ class DataFile:
                 path = segment_path(self.path, seg)
                 flags = os.O_RDWR | os.O_CLOEXEC
                 try:
-                    fd = os.open(path, flags | (os.O_CREAT if create else 0), 0o600)
+                    fd = os.open(path, flags)
                 except FileNotFoundError:
                     if not create:
                         return None
                     os.makedirs(os.path.dirname(path), 0o700, exist_ok=True)
                     fd = os.open(path, flags | os.O_CREAT, 0o600)
+                    with self._cond:          # its directory entry is made durable by the next sync
+                        self._new_files = True
                 dfd = -1
                 if self._dfd >= 0:
                     try:
@@ -238,6 +242,43 @@ class DataFile:
         h = self._pin(seg, create=False)
         try:
             return None if h is None else file_layout(h.fd)
+        finally:
+            self._unpin(h)
+
+    def _expected_size(self, seg: int) -> int:
+        """The size segment seg's file will have once the queue is applied. The loop's."""
+        size = self._seg_size.get(seg)
+        if size is None:
+            try:
+                size = os.stat(segment_path(self.path, seg)).st_size
+            except FileNotFoundError:
+                size = 0
+            self._seg_size[seg] = size
+        return size
+
+    def resize(self, seg: int, nbytes: int, queue: bool = True) -> bool:
+        """Queue: make segment seg's file nbytes long, after every write queued so far; nothing is queued
+        when those writes leave it that long. Returns whether a change is needed; with queue=False the
+        caller queues set_size(seg, nbytes) itself, before any later write. The loop's."""
+        if self._expected_size(seg) == nbytes:
+            return False
+        self._seg_size[seg] = nbytes
+        if queue:
+            self.barrier(lambda: self.set_size(seg, nbytes))
+        return True
+
+    def forget(self, seg: int) -> None:
+        """Segment seg is gone (its file is deleted by a queued release). The loop's."""
+        self._seg_size.pop(seg, None)
+
+    def set_size(self, seg: int, nbytes: int, create: bool = True) -> None:
+        """Make segment seg's file nbytes long now (resize() queues it instead)."""
+        h = self._pin(seg, create=create)
+        try:
+            if h is not None and os.fstat(h.fd).st_size != nbytes:
+                os.ftruncate(h.fd, nbytes)
+                with self._cond:
+                    self._dirty.add(seg)
         finally:
             self._unpin(h)
 
@@ -375,6 +416,11 @@ class DataFile:
             self._seq += 1
             self._cond.notify_all()
         self._last = (end - 1, bytes(memoryview(data)[nbytes - BLOCK_SIZE:]))
+        seg = pblock >> SEG_SHIFT
+        if seg:
+            seg_end = (end - (seg << SEG_SHIFT)) * BLOCK_SIZE
+            if seg_end > self._expected_size(seg):
+                self._seg_size[seg] = seg_end
         self._stats.writes += 1
         self._stats.bytes_written += nbytes
 
@@ -519,8 +565,15 @@ class DataFile:
             # every write before mark marked its segment before it counted as written; later writes
             # that land after this mark again, for the next sync
             dirty, self._dirty = self._dirty, set()
+            new_files, self._new_files = self._new_files, False
         try:
             os.fdatasync(self._fd)
+            if new_files:           # one fsync of the folder for every segment file made since the last sync
+                dfd = os.open(os.path.join(os.path.dirname(self.path), SEGS_NAME), os.O_RDONLY | os.O_CLOEXEC)
+                try:
+                    os.fsync(dfd)
+                finally:
+                    os.close(dfd)
             for seg in sorted(dirty):
                 h = self._pin(seg, create=False)   # reopened if evicted: fdatasync covers the file
                 try:
@@ -531,6 +584,7 @@ class DataFile:
         except BaseException:
             with self._cond:
                 self._dirty |= dirty
+                self._new_files |= new_files
             raise
         with self._cond:
             self._durable = max(self._durable, mark)

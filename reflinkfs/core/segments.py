@@ -88,25 +88,41 @@ def _outside(ranges, mapped) -> int | None:
     return None
 
 
-def freeze(db, runs) -> None:
-    """Blocks of `runs` ((lblock, pblock, nblocks)) are about to be shared: their segments become nobody's
-    own, so that no file writes into a segment another file reads (segment 0 is nobody's anyway)."""
-    for seg in sorted({locate(pb)[0] for _, pb, _ in runs} - {0}):
-        db.execute("UPDATE inodes SET own_seg=0 WHERE own_seg=?", (seg,))
+def freeze(db, ino: int, runs) -> None:
+    """Blocks of `runs` ((lblock, pblock, nblocks)) of file ino are about to be shared: if they lie in
+    its own segment, that segment becomes nobody's own, so that no file writes into a segment another
+    file reads (segment 0 is nobody's anyway). Only ino can own a segment whose blocks ino maps."""
+    own = db.execute("SELECT own_seg FROM inodes WHERE ino=?", (ino,)).fetchone()[0]
+    if own and any(locate(pb)[0] == own or locate(pb + n - 1)[0] == own for _, pb, n in runs):
+        db.execute("UPDATE inodes SET own_seg=0 WHERE ino=?", (ino,))
 
 
 def recover(db, data) -> tuple[int, int]:
-    """At open, finish what a crash may have cut short after a commit (Space.take_released): punch blocks
-    of segments that hold data but no file uses, and delete segment files that no segment row lists.
-    Returns (runs punched, files deleted). Costs a walk of every segment's data ranges."""
+    """At open, finish what a crash may have cut short after a commit (Space.take_released): set each
+    segment's file to the size the metadata keeps it at (writes after the last commit may have grown
+    it, or the commit's resize had not run), punch blocks of segments that hold data but no file uses,
+    and delete segment files that no segment row lists. Returns (runs punched, files deleted). Costs a
+    walk of every segment's data ranges."""
     import os
+    from ..errors import StoreError
     from ..meta.schema import SEGS_NAME
-    segs = [r[0] for r in db.execute("SELECT seg FROM segments")]
+    sizes = dict(db.execute("SELECT seg, size_bytes FROM segments"))
+    segs = sorted(sizes)
     punch = []
     for seg in segs:
         layout = data.segment_layout(seg)
+        base = seg_base(seg)
         if layout is None:
+            if db.execute("SELECT 1 FROM refs WHERE pblock >= ? AND pblock < ? LIMIT 1",
+                          (base, base + SEG_BLOCKS)).fetchone() is not None:
+                raise StoreError(f"{os.path.dirname(data.path)}: segment file {SEGS_NAME}/{seg} is missing but "
+                                 f"files use its blocks; the store cannot be used (run fsck)")
+            data.set_size(seg, sizes[seg])
             continue
+        if layout[0] != sizes[seg]:
+            data.set_size(seg, sizes[seg], create=False)
+            layout = data.segment_layout(seg)
+            assert layout is not None
         base = seg_base(seg)
         used = [(p - base, n) for p, n in db.execute(
             "SELECT pblock, nblocks FROM refs WHERE pblock >= ? AND pblock < ?", (base, base + SEG_BLOCKS))]

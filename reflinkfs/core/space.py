@@ -11,6 +11,13 @@ Guarantees (all inside the caller's open database transaction):
   deleted after the commit.
 - Blocks allocated in the open transaction are remembered in `fresh`: no committed state refers to them,
   so they may be overwritten in place. Everything else is copy-on-write.
+- Identity allocation (`new_segment`, `is_free_at`, `alloc_at`): a file's own segment receives its logical
+  block L at block L. A position is free there only if no file uses it and no state since the last
+  commit did (a block released in the open transaction keeps its bytes for the committed state). Blocks
+  of segments other than 0 count against the size limit (`seg_blocks`) until they are punched.
+- Segment blocks allocated by an operation that rolled back may have been written already: at the commit
+  the ones nothing uses are punched, and a segment made by such an operation (its row rolled back with
+  it, its number never handed out again in this session) has its file deleted.
 - The allocator prefers one contiguous free run (smallest that fits), then grows the data file, then
   gathers smaller free runs; it raises ENOSPC when the size limit leaves no room.
 
@@ -57,9 +64,15 @@ class Space:
         self.pending: list[Run] = []
         self._punch: list[Run] = []       # committed-free blocks of segments other than 0, not punched yet
         self._gone: list[int] = []        # segments dropped by the commit, their files not deleted yet
+        self.seg_allocs: list[Run] = []   # segment blocks allocated in this transaction (see rollback_to)
+        self._unwound: list[Run] = []     # ... by operations that rolled back: punched at the commit if unused
+        self._check: set[int] = set()     # segments that may have lost their last user and owner (or row)
+        self._pending_segs = IntervalSet()  # the blocks of `pending` outside segment 0
         self.fresh = IntervalSet()
         self.data_blocks = get_meta(db, "data_blocks")
         self.limit_blocks = get_meta(db, "size_limit_blocks")
+        self.next_seg = get_meta(db, "next_seg")   # never goes back within a session, even on rollback
+        self.seg_blocks = self._count_seg_blocks()
 
     # -- refcounts ---------------------------------------------------------------------------
     def _split_at(self, pblock: int) -> None:
@@ -171,6 +184,8 @@ class Space:
         for start, n in _coalesce(freed):
             self.clear_csums(start, n)
             self.pending.append((start, n))
+            if start >= SEG_BLOCKS:
+                self._pending_segs.add(start, start + n)
             self._on_release(start, n)
         if len(self.fresh):
             # shared now, or freed: either way not to be overwritten in place (the gaps of the span
@@ -200,8 +215,58 @@ class Space:
     def free_blocks(self) -> int:
         return self.db.execute("SELECT COALESCE(SUM(nblocks), 0) FROM free").fetchone()[0]
 
+    def _count_seg_blocks(self) -> int:
+        """Blocks that segments other than 0 hold: used ones, and released ones not punched yet."""
+        used = self.db.execute("SELECT COALESCE(SUM(nblocks), 0) FROM refs WHERE pblock >= ?",
+                               (SEG_BLOCKS,)).fetchone()[0]
+        return used + sum(n for p, n in self.pending if p >= SEG_BLOCKS)
+
     def room_to_grow(self) -> int | None:
-        return None if not self.limit_blocks else max(0, self.limit_blocks - self.data_blocks)
+        """Blocks the size limit leaves for growing segment 0 or filling other segments (None: no limit)."""
+        if not self.limit_blocks:
+            return None
+        return max(0, self.limit_blocks - self.data_blocks - self.seg_blocks)
+
+    # -- segments ------------------------------------------------------------------------------
+    def new_segment(self, ino: int, size_bytes: int) -> int:
+        """A new segment, made the own segment of inode ino, kept at size_bytes."""
+        seg = self.next_seg
+        self.next_seg += 1
+        set_meta(self.db, "next_seg", self.next_seg)
+        self.db.execute("INSERT INTO segments(seg, size_bytes) VALUES (?, ?)", (seg, size_bytes))
+        self.db.execute("UPDATE inodes SET own_seg=? WHERE ino=?", (seg, ino))
+        self._check.add(seg)        # its file is deleted at the commit if the operation rolls back
+        return seg
+
+    def abandon(self, seg: int) -> None:
+        """seg may no longer be anyone's own segment: drop it at the commit if nobody uses it then."""
+        if seg:
+            self._check.add(seg)
+
+    def is_free_at(self, pblock: int, nblocks: int) -> bool:
+        """Whether blocks [pblock, pblock+nblocks) of a segment other than 0 may be allocated: no file uses
+        them and none did since the last commit."""
+        end = pblock + nblocks
+        if any(inside for _, _, inside in self._pending_segs.pieces(pblock, end)):
+            return False
+        row = self.db.execute("SELECT pblock, nblocks FROM refs WHERE pblock < ? ORDER BY pblock DESC LIMIT 1",
+                              (end,)).fetchone()
+        return not (row and row[0] + row[1] > pblock)
+
+    def alloc_at(self, pblock: int, nblocks: int) -> None:
+        """Allocate blocks [pblock, pblock+nblocks) of a segment other than 0 (is_free_at must hold, and
+        the caller checks room_to_grow)."""
+        self._insert_ref1(pblock, nblocks)
+        self.fresh.add(pblock, pblock + nblocks)
+        self.seg_blocks += nblocks
+        self.seg_allocs.append((pblock, nblocks))
+
+    def pending_end(self, seg: int) -> int:
+        """The end (block within the segment) of the last block of seg released in the open transaction:
+        the committed state may still read blocks up to there."""
+        base = seg_base(seg)
+        ends = [p + n - base for p, n in self.pending if base <= p < base + SEG_BLOCKS]
+        return max(ends, default=0)
 
     def alloc(self, nblocks: int) -> list[Run]:
         """Allocate nblocks blocks (refcount 1) as few runs as possible."""
@@ -262,19 +327,36 @@ class Space:
         return (start, take)
 
     def on_commit(self) -> None:
-        """Called inside the transaction, just before COMMIT: released blocks become free runs."""
-        segs = set()
+        """Called inside the transaction, just before COMMIT: released blocks become free runs (segment 0)
+        or blocks to punch (other segments); segments nobody uses or owns are dropped."""
+        segs = set(self._check)
+        for start, n in self._unwound:      # written by an operation that rolled back, unless used again
+            pos = start
+            for p, m, _ in self.refcounts(start, n):
+                if p > pos:
+                    self._punch.append((pos, p - pos))
+                pos = p + m
+            if pos < start + n:
+                self._punch.append((pos, start + n - pos))
+            segs.add(locate(start)[0])
+        self._unwound.clear()
+        self.seg_allocs.clear()
         for start, n in _coalesce(sorted(self.pending)):
             if start < SEG_BLOCKS:
                 self._add_free(start, n)
             else:
                 self._punch.append((start, n))
+                self.seg_blocks -= n
                 segs.add(locate(start)[0])
         self.pending.clear()
+        self._pending_segs.clear()
+        self._check.clear()
         for seg in sorted(segs):
             base = seg_base(seg)
-            if (self.db.execute("SELECT 1 FROM refs WHERE pblock >= ? AND pblock < ? LIMIT 1",
-                                (base, base + SEG_BLOCKS)).fetchone() is None and
+            if self.db.execute("SELECT 1 FROM segments WHERE seg=?", (seg,)).fetchone() is None:
+                self._gone.append(seg)      # made by an operation that rolled back: its file may exist
+            elif (self.db.execute("SELECT 1 FROM refs WHERE pblock >= ? AND pblock < ? LIMIT 1",
+                                  (base, base + SEG_BLOCKS)).fetchone() is None and
                     self.db.execute("SELECT 1 FROM inodes WHERE own_seg=? LIMIT 1", (seg,)).fetchone() is None):
                 self.db.execute("DELETE FROM segments WHERE seg=?", (seg,))
                 self._gone.append(seg)
@@ -289,11 +371,23 @@ class Space:
     def after_commit(self) -> None:
         self.fresh.clear()
 
-    def rollback_to(self, mark: int) -> None:
+    def rollback_to(self, mark: int, alloc_mark: int | None = None) -> None:
         """An operation was rolled back: forget what it released and the file growth it took.
-        Blocks it allocated stay in `fresh`; that is harmless, since nothing maps them now."""
+        Blocks it allocated stay in `fresh`; that is harmless, since nothing maps them now. Segment
+        blocks it allocated may have been written already: they are punched after the commit."""
+        if alloc_mark is None:
+            alloc_mark = len(self.seg_allocs)
+        for p, n in self.seg_allocs[alloc_mark:]:
+            self._unwound.append((p, n))
+            self._check.add(locate(p)[0])
+        del self.seg_allocs[alloc_mark:]
         del self.pending[mark:]
+        self._pending_segs.clear()
+        for p, n in self.pending:
+            if p >= SEG_BLOCKS:
+                self._pending_segs.add(p, p + n)
         self.data_blocks = get_meta(self.db, "data_blocks")
+        self.seg_blocks = self._count_seg_blocks()
 
     def _add_free(self, start: int, n: int) -> None:
         prev = self.db.execute("SELECT pblock, nblocks FROM free WHERE pblock < ? ORDER BY pblock DESC "

@@ -40,6 +40,7 @@ from dataclasses import dataclass, field
 from ..errors import FsError
 from ..meta.schema import BLOCK_SIZE, ROOT_INO
 from . import acl
+from .datafile import SEG_SHIFT
 
 STAGING_PARENT = 0              # no inode has this number: entries under it are unreachable
 STAGING_PREFIX = b".reflinkfs-tree-clone-"
@@ -295,6 +296,10 @@ class TreeClone:
         runs = ex("SELECT e.pblock, e.nblocks FROM tc_map m JOIN extents e ON e.ino = m.old WHERE m.new >= ?",
                   (base,)).fetchall()
         if runs:
+            # a source whose blocks lie in its own segment loses it: a shared segment is frozen
+            ex("UPDATE inodes SET own_seg=0 WHERE own_seg != 0 AND ino IN (SELECT old FROM tc_map WHERE new >= ?) "
+               "AND EXISTS (SELECT 1 FROM extents e WHERE e.ino = inodes.ino AND e.pblock >= (inodes.own_seg << ?) "
+               "AND e.pblock < ((inodes.own_seg + 1) << ?))", (base, SEG_SHIFT, SEG_SHIFT))
             self.vol.space.adjust(runs, +1)
             self.progress.bytes_shared += sum(n for _, n in runs) * BLOCK_SIZE
         return base

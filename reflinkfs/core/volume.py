@@ -40,7 +40,7 @@ from . import extents as ext
 from . import treeclone
 from .blockio import UncachedIO
 from . import segments
-from .datafile import Barrier, DataFile
+from .datafile import SEG_SHIFT, Barrier, DataFile, seg_base
 from .space import Space
 
 BS = BLOCK_SIZE
@@ -50,6 +50,9 @@ MAX_NAME = 255
 END = 1 << 62                    # "to the end of the file" in logical blocks
 COPY_CHUNK = 8 << 20             # bytes copied per step when a clone must move data
 CHECKPOINT_BYTES = 4 << 20       # the WAL is copied into the database once it is this big
+SMALL_FILE_BYTES = 0             # a file smaller than this keeps its blocks in segment 0 (see _place)
+IDENTITY_BLOCKS = 1 << 32        # logical blocks a segment can hold at identity offsets: 16 TiB, the largest
+                                 # file ext4 allows; blocks past it go to segment 0 (that file is not whole)
 INODE_BYTES = BS                 # what statfs charges an inode not yet created: one data block, the least
                                  # a file with any data takes (its metadata row is ~120 bytes of meta.db)
 
@@ -170,6 +173,8 @@ class Volume:
     """A store opened for use. Build with `Volume.open(store)`; always `close()`."""
 
     _cow_only = False     # set while an operation runs that must not overwrite blocks in place (see _op)
+    _seg0_only = False    # set while new blocks must come from segment 0 (see _allocate_op)
+    small_file_bytes = SMALL_FILE_BYTES   # files smaller than this keep their blocks in segment 0 (_place)
 
     def __init__(self, store: str, db, data: DataFile, lock_fd: int, io_factory=None):
         self.store = store
@@ -196,6 +201,17 @@ class Volume:
         # rows in `inodes`, kept in step by _new_inode/_free_inode and restored by a rollback, so that
         # statfs never counts a large table
         self._inode_rows = db.execute("SELECT COUNT(*) FROM inodes").fetchone()[0]
+        # An owned segment's size follows its owner's size. The trigger notes the segments whose owner's
+        # size changed, inside the operation (so a rollback forgets them); _settle_segments then keeps
+        # `segments` in step and queues the resize of their files, in write order.
+        # who owns a segment is asked at every commit that frees its blocks (created here, not by the schema,
+        # so that stores made before it get it too)
+        db.execute("CREATE INDEX IF NOT EXISTS inodes_own_seg ON inodes(own_seg) WHERE own_seg != 0")
+        db.execute("CREATE TEMP TABLE IF NOT EXISTS seg_touch(seg INTEGER PRIMARY KEY)")
+        db.execute("CREATE TEMP TRIGGER IF NOT EXISTS seg_follows_size AFTER UPDATE OF size ON inodes "
+                   "WHEN NEW.own_seg != 0 AND NEW.size != OLD.size BEGIN "
+                   "INSERT OR IGNORE INTO seg_touch(seg) VALUES (NEW.own_seg); END")
+        self._txn_segs: set[int] = set()    # segments written or resized in the open transaction
         self._purge_orphans()
         treeclone.purge_staging(self)       # a tree clone the daemon did not finish (core/treeclone.py)
 
@@ -271,20 +287,46 @@ class Volume:
         self._begin()
         self._memo.enter_op()
         self.db.execute("SAVEPOINT op")
-        mark, inode_rows = len(self.space.pending), self._inode_rows
+        mark, alloc_mark, inode_rows = len(self.space.pending), len(self.space.seg_allocs), self._inode_rows
         outer_cow, self._cow_only = self._cow_only, self._cow_only or cow
         try:
             yield
+            self._settle_segments()
         except BaseException:
             self.db.execute("ROLLBACK TO op")
             self.db.execute("RELEASE op")
-            self.space.rollback_to(mark)
+            self.space.rollback_to(mark, alloc_mark)
             self._inode_rows = inode_rows
             raise
         finally:
             self._cow_only = outer_cow
             self._memo.leave_op()
         self.db.execute("RELEASE op")
+
+    def _settle_segments(self) -> None:
+        """At the end of an operation: each segment noted in `seg_touch` is kept at its owner's size (a
+        segment nobody owns keeps its size), and its file is resized to that, in write order, but never
+        below the blocks the committed state may still read (released in this transaction): the commit
+        cuts those off once it is durable."""
+        rows = self.db.execute("SELECT seg FROM seg_touch").fetchall()
+        if not rows:
+            return
+        self.db.execute("DELETE FROM seg_touch")
+        for (seg,) in rows:
+            row = self.db.execute("SELECT size_bytes FROM segments WHERE seg=?", (seg,)).fetchone()
+            if row is None:
+                continue
+            size = row[0]
+            owner = self.db.execute("SELECT size FROM inodes WHERE own_seg=?", (seg,)).fetchone()
+            if owner is not None and owner[0] != size:
+                size = owner[0]
+                self.db.execute("UPDATE segments SET size_bytes=? WHERE seg=?", (size, seg))
+            self._txn_segs.add(seg)
+            self.data.resize(seg, max(size, self.space.pending_end(seg) * BS))
+
+    def _touch_segment(self, seg: int) -> None:
+        self.db.execute("INSERT OR IGNORE INTO seg_touch(seg) VALUES (?)", (seg,))
+        self._txn_segs.add(seg)
 
     def commit(self, wait: bool = True):
         """Make everything done so far durable: data first, then the metadata that refers to it.
@@ -305,10 +347,23 @@ class Volume:
             self.last_commit = time.monotonic()
             self.commits += 1
             punch, gone = self.space.take_released()
-            if punch or gone:         # freed segment blocks leave their files only once the commit is durable
+            resize = []
+            for seg in sorted(self._txn_segs - set(gone)):   # their files, cut to the size just committed
+                row = self.db.execute("SELECT size_bytes FROM segments WHERE seg=?", (seg,)).fetchone()
+                if row is not None and self.data.resize(seg, row[0], queue=False):
+                    resize.append((seg, row[0]))
+            self._txn_segs.clear()
+            for seg in gone:
+                self.data.forget(seg)
+            if punch or gone or resize:   # freed segment blocks leave their files only once the commit is durable
                 def sync_then_release() -> None:
                     self.sync_meta()
                     self.data.release(punch, gone)
+                    for seg, nbytes in resize:
+                        try:
+                            self.data.set_size(seg, nbytes)
+                        except OSError as e:    # the next open sets it (segments.recover)
+                            log.warning("cannot set segment %d to %d bytes: %s", seg, nbytes, e)
                 self._barrier = self.data.barrier(sync_then_release)
             else:
                 self._barrier = self.data.barrier(self.sync_meta)
@@ -568,6 +623,7 @@ class Volume:
 
     def _free_inode(self, ino: int) -> None:
         self._tmpfiles.discard(ino)
+        self.space.abandon(self.db.execute("SELECT own_seg FROM inodes WHERE ino=?", (ino,)).fetchone()[0])
         self._release(ext.unmap(self.db, ino, 0, END))
         self.io.drop_inode(ino, 0, None)
         self.db.execute("DELETE FROM xattrs WHERE ino=?", (ino,))
@@ -872,18 +928,27 @@ class Volume:
         self._write_blocks(ino, b0, data)
 
     def _write_blocks(self, ino: int, lblock: int, data) -> None:
-        """Write whole blocks: in place where the block is fresh, elsewhere to newly allocated blocks."""
+        """Write whole blocks: in place where the block is fresh (and in segment 0 or the file's own
+        segment), elsewhere to newly allocated blocks (see _place). Every block is allocated before any
+        is written, so a failure (ENOSPC) leaves nothing half written."""
         nblocks = len(data) // BS
         end = lblock + nblocks
         in_place: list[tuple[int, int, int]] = []   # (lblock, pblock, n)
         new: list[tuple[int, int]] = []              # (lblock, n)
         cow: list[tuple[int, int]] = []              # the pieces of new that are mapped now
+        own = None
         pos = lblock
         for lb, pb, n in ext.lookup(self.db, ino, lblock, end):
             if lb > pos:
                 new.append((pos, lb - pos))
+            seg = pb >> SEG_SHIFT
+            if seg and own is None:
+                own = self._own_seg(ino)
+            # a fresh block elsewhere (a segment the file rolled away from) is not rewritten in place: that
+            # segment's size no longer follows this file's
+            in_place_ok = not self._cow_only and (seg == 0 or seg == own)
             for s, e, fresh in self.space.fresh.pieces(pb, pb + n):
-                if fresh and not self._cow_only:
+                if fresh and in_place_ok:
                     in_place.append((lb + s - pb, s, e - s))
                 else:
                     new.append((lb + s - pb, e - s))
@@ -892,27 +957,125 @@ class Volume:
         if pos < end:
             new.append((pos, end - pos))
         mv = memoryview(data)
-        need = sum(n for _, n in new)
-        if need:
-            runs = self.space.alloc(need)
-            self.data.ensure_size(self.space.data_blocks)
+        placed: list[tuple[int, int, int]] = []
+        rolled_from = 0
+        if new:
+            placed, rolled_from = self._place(ino, new)       # may fail: before any write
+        if rolled_from:
+            # the file left its own segment: its fresh blocks there go to the new one, at their places
+            moved = [(lb, n) for lb, pb, n in in_place if pb >> SEG_SHIFT == rolled_from]
+            if moved:
+                in_place = [r for r in in_place if r[1] >> SEG_SHIFT != rolled_from]
+                base = seg_base(self._own_seg(ino))
+                for lb, n in moved:
+                    self.space.alloc_at(base + lb, n)
+                    placed.append((lb, base + lb, n))
+                cow += moved
+        for lb, pb, n in in_place:
+            self.io.write(ino, lb, pb, mv[(lb - lblock) * BS:(lb - lblock + n) * BS])
+        if placed:
             for lb, n in cow:                         # the other pieces are holes
                 self._release(ext.unmap(self.db, ino, lb, lb + n))
             self.io.drop_inode(ino, lblock, end)
-            # hand out the allocated runs to the new pieces, in order
-            ri, roff = 0, 0
-            for lb, n in new:
-                while n:
-                    rp, rn = runs[ri]
-                    take = min(n, rn - roff)
-                    pb = rp + roff
-                    ext.map_run(self.db, ino, lb, pb, take)
-                    self.io.write(ino, lb, pb, mv[(lb - lblock) * BS:(lb - lblock + take) * BS])
-                    lb, n, roff = lb + take, n - take, roff + take
-                    if roff == rn:
-                        ri, roff = ri + 1, 0
-        for lb, pb, n in in_place:
-            self.io.write(ino, lb, pb, mv[(lb - lblock) * BS:(lb - lblock + n) * BS])
+            for lb, pb, n in placed:
+                ext.map_run(self.db, ino, lb, pb, n)
+                self.io.write(ino, lb, pb, mv[(lb - lblock) * BS:(lb - lblock + n) * BS])
+        if rolled_from:
+            self._follow(ino, rolled_from, lblock, end)
+
+    def _own_seg(self, ino: int) -> int:
+        return self.db.execute("SELECT own_seg FROM inodes WHERE ino=?", (ino,)).fetchone()[0]
+
+    def _place(self, ino: int, new: list[tuple[int, int]]) -> tuple[list[tuple[int, int, int]], int]:
+        """Allocate physical blocks for the logical pieces `new` ((lblock, n), unmapped or to be replaced):
+        ([(lblock, pblock, n)], the own segment the file rolled away from, else 0).
+
+        Identity layout: logical block L goes to block L of the file's own segment when those blocks are
+        free there (no file uses them, none did since the last commit) and the segment is still its own (a
+        shared one is frozen: segments.freeze). Otherwise the file rolls to a new own segment, where every
+        block is free. Segment 0 (which reuses freed runs) takes the blocks of a file smaller than
+        SMALL_FILE_BYTES, blocks past IDENTITY_BLOCKS, blocks reserved past the end of the file, the blocks
+        an operation that must not overwrite in place (_cow_only) cannot put at their places, and every
+        write for which the size limit leaves no room at identity offsets."""
+        size, own = self.db.execute("SELECT size, own_seg FROM inodes WHERE ino=?", (ino,)).fetchone()
+        need = sum(n for _, n in new)
+        end = max(lb + n for lb, n in new)
+        room = self.space.room_to_grow()
+        identity = (not self._seg0_only and end <= IDENTITY_BLOCKS and (room is None or need <= room)
+                    and (own or max(size, end * BS) >= self.small_file_bytes))
+        taken = identity and own and not all(self.space.is_free_at(seg_base(own) + lb, n) for lb, n in new)
+        if taken and self._cow_only:
+            # an operation that may fail after a write (punch, zero, clone: their partial blocks) does
+            # not roll the file to a new segment for a block or two: they go to segment 0
+            identity = False
+        if identity:
+            rolled_from = 0
+            if not own or taken:
+                if own:
+                    self._abandon(own)
+                    rolled_from = own
+                own = self.space.new_segment(ino, size)
+            base = seg_base(own)
+            placed = [(lb, base + lb, n) for lb, n in new]
+            for _, pb, n in placed:
+                self.space.alloc_at(pb, n)
+            self._touch_segment(own)
+            return placed, rolled_from
+        runs = self.space.alloc(need)
+        self.data.ensure_size(self.space.data_blocks)
+        placed = []
+        ri, roff = 0, 0
+        for lb, n in new:                     # hand out the allocated runs to the new pieces, in order
+            while n:
+                rp, rn = runs[ri]
+                take = min(n, rn - roff)
+                placed.append((lb, rp + roff, take))
+                lb, n, roff = lb + take, n - take, roff + take
+                if roff == rn:
+                    ri, roff = ri + 1, 0
+        return placed, 0
+
+    def _abandon(self, seg: int) -> None:
+        """The file that owned seg rolls away from it: seg is nobody's own from now on, and is kept at a
+        size that covers every block still in it."""
+        base = seg_base(seg)
+        row = self.db.execute("SELECT pblock + nblocks FROM refs WHERE pblock < ? ORDER BY pblock DESC LIMIT 1",
+                              (base + (1 << SEG_SHIFT),)).fetchone()
+        if row and row[0] > base:
+            self.db.execute("UPDATE segments SET size_bytes=MAX(size_bytes, ?) WHERE seg=?", ((row[0] - base) * BS, seg))
+        self._touch_segment(seg)
+        self.space.abandon(seg)
+
+    def _follow(self, ino: int, old: int, skip_lo: int, skip_hi: int) -> None:
+        """The file just rolled from segment old to a new own segment: move its fresh blocks in old (outside
+        [skip_lo, skip_hi), which the write has placed) to their places in the new one, so that a file
+        whose every block is new since the last commit can still be whole. Left where they are when the
+        file keeps committed blocks in old (it spans two segments anyway), or the size limit leaves no
+        room."""
+        base = seg_base(self._own_seg(ino))
+        pieces = []
+        for lb, pb, n in ext.all_extents(self.db, ino):
+            if pb >> SEG_SHIFT != old:
+                continue
+            for s, e, fresh in self.space.fresh.pieces(pb, pb + n):
+                lo, hi = lb + s - pb, lb + e - pb
+                if not fresh:
+                    return
+                for a, b in ((lo, min(hi, skip_lo)), (max(lo, skip_hi), hi)):
+                    if a < b:
+                        pieces.append((a, b - a))
+        if not pieces:
+            return
+        room = self.space.room_to_grow()
+        if room is not None and sum(n for _, n in pieces) > room:
+            return
+        for lb, n in pieces:
+            buf = b"".join(self._read_blocks(ino, lb, lb + n))
+            self.space.alloc_at(base + lb, n)
+            self._release(ext.unmap(self.db, ino, lb, lb + n))
+            self.io.drop_inode(ino, lb, lb + n)
+            ext.map_run(self.db, ino, lb, base + lb, n)
+            self.io.write(ino, lb, base + lb, memoryview(buf))
 
     def _zero_range(self, ino: int, size: int, start: int, end: int) -> None:
         """Make bytes [start, end) of a file read as zeros without allocating for holes."""
@@ -977,8 +1140,14 @@ class Volume:
                 pos = lb + n
             if pos < b1:
                 holes.append((pos, b1))
-            for s, e in holes:
-                self._write_blocks(ino, s, bytes((e - s) * BS))
+            # blocks reserved past the end of the file (keep_size) cannot be at identity offsets: the
+            # segment's file ends where the file does
+            outer, self._seg0_only = self._seg0_only, self._seg0_only or (keep_size and b1 * BS > a.size)
+            try:
+                for s, e in holes:
+                    self._write_blocks(ino, s, bytes((e - s) * BS))
+            finally:
+                self._seg0_only = outer
             if not keep_size and offset + nbytes > a.size:
                 self.db.execute("UPDATE inodes SET size=? WHERE ino=?", (offset + nbytes, ino))
             self._touch(ino, mtime=not keep_size)
@@ -1088,7 +1257,7 @@ class Volume:
     def _share(self, src: int, sb: int, se: int, dst: int, db_: int) -> None:
         shift = db_ - sb
         runs = ext.lookup(self.db, src, sb, se)
-        segments.freeze(self.db, runs)
+        segments.freeze(self.db, src, runs)
         self.space.adjust([(pb, n) for _, pb, n in runs], +1)
         self._release(ext.unmap(self.db, dst, db_, db_ + (se - sb)))
         self.io.drop_inode(dst, db_, db_ + (se - sb))
@@ -1107,7 +1276,13 @@ class Volume:
     def wholeness(self, ino: int) -> segments.Wholeness:
         """Whether regular file ino is whole: one segment holds exactly its bytes (core/segments.py)."""
         self._reg(ino)
+        self._settle_files()
         return segments.wholeness(self.db, self.data, ino)
+
+    def _settle_files(self) -> None:
+        """Wait until the writes and resizes queued so far are in the segment files, so that what looks at
+        the files (wholeness) sees what the metadata describes."""
+        self.data.wait_for(self.data.barrier(lambda: None))
 
     def statfs(self) -> dict:
         """Space and inode figures. The store has no inode table to run out of: an inode is a row, so its
@@ -1119,11 +1294,11 @@ class Volume:
         free_runs = sp.free_blocks() + sum(n for _, n in sp.pending)
         if sp.limit_blocks:
             total = sp.limit_blocks
-            avail = free_runs + max(0, sp.limit_blocks - sp.data_blocks)
+            avail = free_runs + max(0, sp.limit_blocks - sp.data_blocks - sp.seg_blocks)
         else:
             vfs = os.statvfs(self.store)
             backing_free = vfs.f_bavail * vfs.f_frsize // BS
-            total = sp.data_blocks + backing_free
+            total = sp.data_blocks + sp.seg_blocks + backing_free
             avail = free_runs + backing_free
         files_free = avail * BS // INODE_BYTES
         return {"block_size": BS, "blocks": total, "blocks_free": avail, "blocks_avail": avail,
@@ -1137,4 +1312,8 @@ class Volume:
         physical = self.db.execute("SELECT COALESCE(SUM(nblocks), 0) FROM refs").fetchone()[0] * BS
         return {"logical_bytes": logical, "physical_bytes": physical, "saved_bytes": logical - physical,
                 "sharing_ratio": (logical / physical) if physical else 1.0,
-                **segments.whole_usage(self.db, self.data)}
+                **self._whole_usage()}
+
+    def _whole_usage(self) -> dict:
+        self._settle_files()
+        return segments.whole_usage(self.db, self.data)

@@ -66,7 +66,12 @@ def run(opts: MountOptions, ready=None) -> int:
     from .adapter import ATTR_TIMEOUT, ENTRY_TIMEOUT, Operations
 
     started = time.monotonic()
+    small = os.environ.get("REFLINKFS_SMALL_FILE_BYTES")     # for tests and benchmarks: see Volume._place
+    if small is not None and not small.isdigit():
+        raise StoreError(f"REFLINKFS_SMALL_FILE_BYTES={small!r}: give a number of bytes")
     volume = Volume.open(opts.store, io_factory=make_io(opts.cache, opts.cache_size), lock_fd=opts.lock_fd)
+    if small is not None:
+        volume.small_file_bytes = int(small)
     try:
         ops = Operations(volume, acl_enabled=lambda: bool((extops.negotiated() or {}).get("posix_acl")),
                          invalidate=lambda ino: pyfuse3.invalidate_inode(ino, False),
