@@ -18,6 +18,7 @@ import threading
 import pytest
 
 from reflinkfs.core.cache import UNIT, UNIT_BLOCKS, SharedCache, make_io
+from reflinkfs.core.datafile import locate, segment_path
 from reflinkfs.core.volume import Volume
 from reflinkfs.errors import FsError
 
@@ -78,11 +79,12 @@ def open_cached(open_volume, mode: str, budget: int = 256 * MiB, policy: str = "
 
 
 def corrupt(v: Volume, pblock: int, at: int = 100) -> None:
-    """Flip three bytes of a physical block in the data file, behind the cache's back."""
-    fd = os.open(v.data.path, os.O_RDWR)
+    """Flip three bytes of a physical block in its segment's file, behind the cache's back."""
+    seg, pos = locate(pblock)
+    fd = os.open(segment_path(v.data.path, seg), os.O_RDWR)
     try:
-        old = os.pread(fd, 3, pblock * BS + at)
-        os.pwrite(fd, bytes(x ^ 0xFF for x in old), pblock * BS + at)
+        old = os.pread(fd, 3, pos + at)
+        os.pwrite(fd, bytes(x ^ 0xFF for x in old), pos + at)
         os.fsync(fd)
     finally:
         os.close(fd)
@@ -244,9 +246,26 @@ def test_freed_blocks_are_dropped_and_reuse_reads_the_new_data(open_volume, mode
     v.commit()
     read_seq(v, a, MiB)
     old_pbs = {pblock_of(v, a, lb) for lb in range(0, 4 * UNIT_BLOCKS, UNIT_BLOCKS)}
-    v.unlink(ROOT, b"a")
+    v.truncate(a, 0)
     assert st(v)["resident_bytes"] == 0
     v.commit()                                   # the blocks become free and can be handed out again
+    v.write(a, 0, rnd(4 * UNIT, 11))             # at the same places of its own segment
+    assert old_pbs & {pblock_of(v, a, lb) for lb in range(0, 4 * UNIT_BLOCKS, UNIT_BLOCKS)}, \
+        "the allocator did not reuse the freed blocks; the test proves nothing"
+    assert read_seq(v, a, MiB)[0] == rnd(4 * UNIT, 11)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_freed_blocks_of_segment_0_are_dropped_and_reuse_reads_the_new_data(open_volume, mode):
+    v = open_cached(open_volume, mode)
+    v.small_file_bytes = 1 << 62                 # small files share segment 0, which reuses freed runs
+    a = mkfile(v, b"a", rnd(4 * UNIT, 10))
+    v.commit()
+    read_seq(v, a, MiB)
+    old_pbs = {pblock_of(v, a, lb) for lb in range(0, 4 * UNIT_BLOCKS, UNIT_BLOCKS)}
+    v.unlink(ROOT, b"a")
+    assert st(v)["resident_bytes"] == 0
+    v.commit()
     c = mkfile(v, b"c", rnd(4 * UNIT, 11))
     assert old_pbs & {pblock_of(v, c, lb) for lb in range(0, 4 * UNIT_BLOCKS, UNIT_BLOCKS)}, \
         "the allocator did not reuse the freed blocks; the test proves nothing"
@@ -307,6 +326,7 @@ def test_readahead_over_a_damaged_block_fails_only_the_read_that_asks_for_it(ope
 @pytest.mark.damages_store
 def test_shared_unit_serves_good_blocks_of_one_file_beside_a_damaged_block_of_another(open_volume):
     v = open_cached(open_volume, "shared")
+    v.small_file_bytes = 1 << 62                 # small files packed into segment 0
     a = mkfile(v, b"a", rnd(8 * BS, 14))
     b = mkfile(v, b"b", rnd(8 * BS, 15))
     assert pblock_of(v, a, 0) // UNIT_BLOCKS == pblock_of(v, b, 0) // UNIT_BLOCKS   # one physical unit

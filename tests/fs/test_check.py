@@ -29,8 +29,10 @@ def rnd(n: int, seed: int = 0) -> bytes:
 
 @pytest.fixture
 def pop(store):
-    """A store with: a (3 blocks), b (clone of a), c (2 blocks, then 1 more), d/e (1 block), hard link d/a."""
+    """A store with: a (3 blocks), b (clone of a), c (2 blocks, then 1 more), d/e (1 block), hard link d/a;
+    all in segment 0 (packed as small files are), where these tests damage the metadata by hand."""
     v = Volume.open(store)
+    v.small_file_bytes = 1 << 62
     info = {"store": store}
     a = v.create(1, b"a", 0o644, 0, 0).ino
     v.write(a, 0, rnd(3 * BS, 1))

@@ -20,7 +20,7 @@ import pytest
 
 import reflinkfs
 from reflinkfs.core import volume as volume_mod
-from reflinkfs.core.datafile import GROW_STEP
+from reflinkfs.core.datafile import GROW_STEP, locate, segment_path
 from reflinkfs.core.volume import RENAME_EXCHANGE, RENAME_NOREPLACE, XATTR_CREATE, XATTR_REPLACE, Volume
 from reflinkfs.errors import FsError
 from reflinkfs.meta.schema import mkfs
@@ -364,12 +364,24 @@ def test_truncate_frees_blocks(vol):
     vol.truncate(f, BS)
     vol.commit()
     assert vol.usage()["physical_bytes"] == BS
+    seg = vol.wholeness(f).segment
+    assert vol.data.segment_layout(seg) == (BS, [(0, 1)]), "the freed blocks are punched out of its segment"
+
+
+def test_truncate_frees_blocks_of_segment_0(vol):
+    vol.small_file_bytes = 1 << 62          # packed into segment 0, whose freed blocks become free runs
+    f = mkfile(vol, b"f", rnd(8 * BS))
+    vol.commit()
+    vol.truncate(f, BS)
+    vol.commit()
+    assert vol.usage()["physical_bytes"] == BS
     assert vol.space.free_blocks() == 7
 
 
 def test_punch_hole(vol):
     data = rnd(5 * BS)
     f = mkfile(vol, b"f", data)
+    vol.commit()           # committed blocks: the partial ones are copied on write, the others stay put
     before = pblocks(vol, f)
     vol.punch_hole(f, BS + 100, 2 * BS - 50)        # [BS+100, 3BS+50)
     expect = bytearray(data)
@@ -440,8 +452,9 @@ def test_overwrite_in_place_only_within_the_open_transaction(vol):
     assert p1[0] != p0[0], "a committed block was overwritten in place"
     assert p1[1] == p0[1]
     vol.commit()
-    # the block released by the copy-on-write is free again after the commit
-    assert vol.space.free_blocks() == 1
+    # the block released by the copy-on-write is punched out of its segment after the commit
+    vol.wholeness(f)                              # (waits for the queued punches)
+    assert vol.data.segment_layout(locate(p0[0])[0])[1] == [(1, 2)]
 
 
 def test_enospc_is_atomic_and_retried_after_commit(tmp_path, open_volume):
@@ -744,11 +757,11 @@ def test_checksum_mismatch_is_eio_naming_inode_and_offset(vol):
     data = rnd(4 * BS)
     f = mkfile(vol, b"f", data)
     vol.commit()
-    pb = pblocks(vol, f)[2]
-    fd = os.open(vol.data.path, os.O_RDWR)
+    seg, pos = locate(pblocks(vol, f)[2])
+    fd = os.open(segment_path(vol.data.path, seg), os.O_RDWR)
     try:
-        old = os.pread(fd, 3, pb * BS + 100)
-        os.pwrite(fd, bytes(x ^ 0xFF for x in old), pb * BS + 100)
+        old = os.pread(fd, 3, pos + 100)
+        os.pwrite(fd, bytes(x ^ 0xFF for x in old), pos + 100)
         os.fsync(fd)
     finally:
         os.close(fd)
@@ -814,8 +827,12 @@ def test_crash_shows_exactly_the_last_commit(store, open_volume):
         child.stderr.close()
     assert child.returncode == -signal.SIGKILL
     from reflinkfs.check import fsck
-    orphan = [f for f in fsck(store, verify_data=True).findings]
-    assert len(orphan) == 1 and orphan[0].startswith("orphan: inode ") and "unlinked while open" in orphan[0]
+    report = fsck(store, verify_data=True)
+    assert report.damage == []
+    # what the crash left and the next mount finishes: the orphan, and the segment files, blocks and
+    # sizes of the writes that never committed
+    orphan = [f for f in report.leftovers if f.startswith("orphan: ")]
+    assert len(orphan) == 1 and "unlinked while open" in orphan[0]
     v = open_volume()                        # frees the orphan
     assert v.usage()["physical_bytes"] == (6 + 1 + 3) * BS
     assert names(v, ROOT) == [b"a", b"b", b"c"]
@@ -830,13 +847,17 @@ def test_crash_shows_exactly_the_last_commit(store, open_volume):
     assert content(v, d) == rnd(12 * BS, 5)
 
 
-def test_blocks_a_commit_frees_are_rewritten_on_disk_only_after_that_commit_is_durable(vol):
+@pytest.mark.parametrize("packed", [False, True])
+def test_blocks_a_commit_frees_are_rewritten_on_disk_only_after_that_commit_is_durable(vol, packed):
     """commit(wait=False) leaves the WAL's fdatasync to a barrier; blocks the commit freed may be handed
-    out again at once, but their new bytes must stay queued behind the barrier."""
+    out again at once (a file's own places in its segment; free runs in segment 0), but their new bytes
+    must stay queued behind the barrier, and so must the punch of the freed blocks."""
+    if packed:
+        vol.small_file_bytes = 1 << 62
     a = mkfile(vol, b"a", rnd(8 * BS, 1))
     vol.commit()
     [(_, pb, _, _)] = vol.extent_map(a)
-    vol.unlink(ROOT, b"a")
+    vol.truncate(a, 0)
     held, release = threading.Event(), threading.Event()
     real = vol.sync_meta
 
@@ -847,7 +868,8 @@ def test_blocks_a_commit_frees_are_rewritten_on_disk_only_after_that_commit_is_d
     vol.sync_meta = held_sync_meta
     barrier = vol.commit(wait=False)
     assert held.wait(timeout=10)
-    b = mkfile(vol, b"b", rnd(8 * BS, 2))
+    b = a
+    vol.write(b, 0, rnd(8 * BS, 2))
     assert [e[1] for e in vol.extent_map(b)] == [pb], "the freed blocks are handed out again"
     assert content(vol, b) == rnd(8 * BS, 2)
     assert on_disk(vol, pb, 8) == rnd(8 * BS, 1), "overwritten before the commit that freed them is durable"
@@ -870,8 +892,9 @@ def test_commits_copy_the_wal_into_the_database(vol, store, tmp_path, monkeypatc
 
 
 def on_disk(v: Volume, pblock: int, nblocks: int) -> bytes:
-    with open(v.data.path, "rb") as f:
-        f.seek(pblock * BS)
+    seg, pos = locate(pblock)
+    with open(segment_path(v.data.path, seg), "rb") as f:
+        f.seek(pos)
         return f.read(nblocks * BS)
 
 

@@ -171,6 +171,7 @@ def test_cost_is_queries_per_extent_walked_not_per_block(vol):
     """A run of 600 logically contiguous extents (physically interleaved with another file's, so none
     merge): SEEK_HOLE walks them in batches growing to SCAN_BATCH; SEEK_DATA is two lookups however big
     the map."""
+    vol.small_file_bytes = 1 << 62         # both in segment 0, so that their blocks interleave
     a = vol.create(ROOT, b"a", 0o644, 0, 0).ino
     b = vol.create(ROOT, b"b", 0o644, 0, 0).ino
     n = 600

@@ -2,9 +2,8 @@
 own offsets, the segment's file has the file's size, and nothing is in the segment where the file has a
 hole; `usage()` counts whole files.
 
-Nothing allocates into segments other than 0 yet, so the tests lay files out in segments themselves on
-a closed store (`_layout.place`).
-Clones, rewrites, truncation and hole punching then go through the volume as usual.
+A file written from empty gets a segment of its own and each block its own offset there; clones,
+rewrites, truncation and hole punching then go through the volume as usual.
 """
 from __future__ import annotations
 
@@ -13,7 +12,6 @@ import random
 
 import pytest
 
-from _layout import place
 from reflinkfs.check import fsck, fsck_db
 from reflinkfs.core.volume import Volume
 from reflinkfs.meta import schema
@@ -32,18 +30,20 @@ def rnd(n: int, seed: int = 0) -> bytes:
 
 @pytest.fixture
 def laid_out(store):
-    """a: 5 blocks and a bit, written sequentially; s: sparse (blocks 0 and 9, size 10 blocks + 7);
-    z: in segment 0. a and s are placed in segments 1 and 2."""
+    """a: 5 blocks and a bit, written sequentially (segment 1); s: sparse (blocks 0, 9 and 10, size 10
+    blocks + 7), written at random offsets (segment 2); z: packed into segment 0 as a small file."""
     v = Volume.open(store)
     files = {"a": rnd(5 * BS + 100, 1), "z": rnd(3 * BS, 3)}
     ino = {name: v.create(1, name.encode(), 0o644, 0, 0).ino for name in ("a", "s", "z")}
-    v.write(ino["a"], 0, files["a"])
+    for off in range(0, len(files["a"]), 1000):  # sequential, in pieces that straddle blocks
+        v.write(ino["a"], off, files["a"][off:off + 1000])
+    v.small_file_bytes = 1 << 62
     v.write(ino["z"], 0, files["z"])
+    v.small_file_bytes = 0
     v.write(ino["s"], 9 * BS, rnd(BS + 7, 4))     # written at random offsets: the end first
     v.write(ino["s"], 0, rnd(BS, 5))
     v.commit()
     v.close()
-    place(store, {ino["a"]: 1, ino["s"]: 2})
     v = Volume.open(store)
     yield v, ino
     v.close()
@@ -150,7 +150,8 @@ def test_fsck_checks_segment_sizes_and_identity_claims(laid_out, store):
     assert f"inode {ino['s']}: logical block 10 is at block 9 of its own segment 2" in found
     v.db.execute("UPDATE extents SET lblock=lblock-1 WHERE ino=? AND lblock=10", (ino["s"],))
     os.truncate(os.path.join(store, schema.SEGS_NAME, "1"), 6 * BS)
-    assert fsck_findings(v) == [f"segment 1: its file is {6 * BS} bytes, the metadata says {5 * BS + 100}"]
+    assert fsck_findings(v) == [f"segment 1: its file is {6 * BS} bytes, the metadata says {5 * BS + 100} "
+                                f"(the next mount sets its size)"]
     os.truncate(os.path.join(store, schema.SEGS_NAME, "1"), 5 * BS + 100)
 
 
@@ -196,14 +197,17 @@ def test_opening_finishes_punches_and_deletions_a_crash_cut_short(laid_out, stor
     """A crash after the commit that freed segment blocks, before they were punched (or before a removed
     segment's file was deleted): fsck says so, and the next open finishes the job."""
     v, ino = laid_out
-    v.data.release = lambda punch, gone: None        # the crash: the commit lands, the punches never run
+    v.data.release = lambda punch, gone: None        # the crash: the commit lands, the punches never run,
+    v.data.set_size = lambda seg, nbytes, create=True: None   # nor the resizes
     v.truncate(ino["a"], 2 * BS)
     v.unlink(1, b"s")
     v.close()
-    found = fsck(store).findings
-    assert found == ["segment file segs/2: no such segment in the metadata (the next mount deletes it)",
-                     "segment 1: blocks 2-5 hold data but no file uses them (not punched; the next mount "
-                     "punches them)"]
+    report = fsck(store)
+    assert report.findings == [
+        "segment file segs/2: no such segment in the metadata (the next mount deletes it)",
+        f"segment 1: its file is {5 * BS + 100} bytes, the metadata says {2 * BS} (the next mount sets its size)",
+        "segment 1: blocks 2-5 hold data but no file uses them (not punched; the next mount punches them)"]
+    assert report.damage == []
     v = Volume.open(store)
     try:
         assert seg_data(v, 1) == [(0, 2)] and seg_data(v, 2) is None
@@ -219,7 +223,7 @@ def test_a_punch_that_fails_is_logged_and_retried_at_the_next_open(laid_out, sto
         raise OSError(5, "Input/output error")
     v, ino = laid_out
     monkeypatch.setattr(datafile, "punch_hole", fail)
-    v.truncate(ino["a"], 2 * BS)
+    v.punch_hole(ino["a"], 2 * BS, 2 * BS)
     v.commit()                                      # the commit stands; writes go on
     assert "cannot punch blocks" in caplog.text
     v.write(ino["z"], 0, b"still writable")
@@ -229,6 +233,6 @@ def test_a_punch_that_fails_is_logged_and_retried_at_the_next_open(laid_out, sto
     v.close()
     v = Volume.open(store)
     try:
-        assert seg_data(v, 1) == [(0, 2)]
+        assert seg_data(v, 1) == [(0, 2), (4, 6)]
     finally:
         v.close()

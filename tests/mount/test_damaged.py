@@ -28,16 +28,19 @@ A, B = content(0xA1, 3), content(0xB2, 2)
 
 @pytest.fixture(scope="module")
 def template(tmp_path_factory):
-    """A cleanly unmounted store holding a (3 blocks), b (2 blocks) and c, a clone of a (made once)."""
+    """A cleanly unmounted store holding a (3 blocks), b (2 blocks) and c, a clone of a (made once), all
+    packed into the data file (segment 0), which these tests damage."""
     need_fuse()
     base = tmp_path_factory.mktemp("damaged")
     store, mnt = base / "store", base / "mnt"
     mkfs(store)
-    with mounted(store, mnt, foreground=False) as m:
-        (m.mnt / "a").write_bytes(A)
-        (m.mnt / "b").write_bytes(B)
-        r = subprocess.run(["cp", "--reflink=auto", m.mnt / "a", m.mnt / "c"], capture_output=True, text=True)
-        assert r.returncode == 0, r.stderr
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("REFLINKFS_SMALL_FILE_BYTES", str(1 << 62))
+        with mounted(store, mnt, foreground=False) as m:
+            (m.mnt / "a").write_bytes(A)
+            (m.mnt / "b").write_bytes(B)
+            r = subprocess.run(["cp", "--reflink=auto", m.mnt / "a", m.mnt / "c"], capture_output=True, text=True)
+            assert r.returncode == 0, r.stderr
     # a clean unmount leaves no write-ahead log behind: meta.db alone is the metadata
     wal = store / "meta.db-wal"
     assert not wal.exists() or wal.stat().st_size == 0, "the WAL was not checkpointed at unmount"

@@ -104,10 +104,21 @@ def test_missing_data_file(store):
 def test_emptied_data_file(store):
     v = Volume.open(store)
     ino = v.create(1, b"f", 0o644, 0, 0).ino
-    v.write(ino, 0, b"x" * 10000)
+    v.allocate(ino, 0, 10000, keep_size=True)     # blocks reserved past the end live in segment 0
     v.close()
     os.truncate(os.path.join(store, DATA_NAME), 0)
     assert "data file is empty" in _one_line_error(store)
+
+
+def test_lost_segment_file(store):
+    v = Volume.open(store)
+    ino = v.create(1, b"f", 0o644, 0, 0).ino
+    v.write(ino, 0, b"x" * 10000)                 # in a segment of its own
+    v.close()
+    (seg,) = os.listdir(os.path.join(store, schema.SEGS_NAME))
+    os.unlink(os.path.join(store, schema.SEGS_NAME, seg))
+    msg = _one_line_error(store)
+    assert f"{schema.SEGS_NAME}/{seg}" in msg and "missing" in msg
 
 
 def test_store_in_use(store):
@@ -120,10 +131,12 @@ def test_store_in_use(store):
 
 
 def make_version_2(store: str) -> None:
-    """Turn a closed store into the version 2 layout: no segments folder, table, column or counter."""
+    """Turn a closed store into the version 2 layout: no segments folder, table, column or counter. Its
+    files must have been written with Volume.small_file_bytes past their sizes (in segment 0)."""
+    assert not os.listdir(os.path.join(store, schema.SEGS_NAME)), "version 2 keeps every block in the data file"
     shutil.rmtree(os.path.join(store, schema.SEGS_NAME))
     db = sqlite3.connect(os.path.join(store, DB_NAME))
-    db.executescript("DROP TABLE segments; ALTER TABLE inodes DROP COLUMN own_seg; "
+    db.executescript("DROP INDEX IF EXISTS inodes_own_seg; DROP TABLE segments; ALTER TABLE inodes DROP COLUMN own_seg; "
                      "DELETE FROM meta WHERE key='next_seg'; UPDATE meta SET value=2 WHERE key='schema_version';")
     db.close()
 
@@ -134,6 +147,7 @@ def test_version_1_store_is_upgraded_on_open(tmp_path):
     store = str(tmp_path / "v1")
     mkfs(store)
     v = Volume.open(store)
+    v.small_file_bytes = 1 << 62        # everything in segment 0, as version 2 kept it
     a = v.create(1, b"a", 0o644, 0, 0).ino
     data = os.urandom(1500 * 4096 + 100)
     v.write(a, 0, data)
@@ -171,6 +185,7 @@ def _v2_store_with_files(tmp_path):
     store = str(tmp_path / "v2")
     mkfs(store)
     v = Volume.open(store)
+    v.small_file_bytes = 1 << 62        # everything in segment 0, as version 2 kept it
     files = {}
     for i, n in enumerate((1, 5000, 3 * 4096 + 17)):
         ino = v.create(1, f"f{i}".encode(), 0o644, 0, 0).ino
@@ -248,10 +263,11 @@ def test_version_2_store_is_upgraded_without_moving_data(tmp_path):
         a = v.create(1, b"new", 0o644, 0, 0).ino
         v.write(a, 0, b"x" * 9000)
         v.commit()
-        assert max(p + n for p, n in v.db.execute("SELECT pblock, nblocks FROM extents")) <= \
-            schema.get_meta(v.db, "data_blocks")        # all allocation still in segment 0
+        old = v.db.execute("SELECT pblock, nblocks FROM extents WHERE ino != ?", (a,)).fetchall()
+        assert max(p + n for p, n in old) <= schema.get_meta(v.db, "data_blocks")   # still in segment 0
+        assert v.wholeness(a).whole and v.wholeness(a).segment == 1     # a new file gets a segment
     finally:
         v.close()
     with open(os.path.join(store, DATA_NAME), "rb") as f:
         assert f.read(len(before)) == before          # the blocks in use kept their bytes and places
-    assert os.listdir(os.path.join(store, schema.SEGS_NAME)) == []
+    assert os.listdir(os.path.join(store, schema.SEGS_NAME)) == ["1"]
