@@ -65,6 +65,7 @@ GROW_STEP = 16 << 20                # the least the data file grows by; it grows
 BACKLOG = 64 << 20                  # bytes queued for the writer before room() turns False
 SEG_SHIFT = 35                      # physical block = segment << SEG_SHIFT | block within the segment
 SEG_BLOCKS = 1 << SEG_SHIFT
+SYNCFS_FROM = 16                    # more segments than this to sync: one syncfs(2) instead
 MAX_OPEN_SEGS = 64                  # descriptors kept open for segments other than 0 (unless in use)
 
 
@@ -166,6 +167,7 @@ class DataFile:
         self._written = 0                  # writes in the file so far (in queue order)
         self._durable = 0                  # writes that a completed sync made durable
         self._recent = IntervalSet()      # blocks written since the last drop: dirty in the page cache
+        self._recent_segs: set[int] = set()   # the segments other than 0 that _recent touches
         self._settling = IntervalSet()    # blocks whose writeback the last drop started
         self._since_drop = 0
         self._dontcache = True             # writes use RWF_DONTCACHE until the kernel refuses it
@@ -266,6 +268,10 @@ class DataFile:
         if queue:
             self.barrier(lambda: self.set_size(seg, nbytes))
         return True
+
+    def created(self, seg: int) -> None:
+        """Segment seg is new: its file does not exist yet (the writer makes it). The loop's."""
+        self._seg_size[seg] = 0
 
     def forget(self, seg: int) -> None:
         """Segment seg is gone (its file is deleted by a queued release). The loop's."""
@@ -413,6 +419,8 @@ class DataFile:
             self._backlog += nbytes
             self._cover.add(pblock, end)
             self._recent.add(pblock, end)
+            if pblock >> SEG_SHIFT:
+                self._recent_segs.add(pblock >> SEG_SHIFT)
             self._seq += 1
             self._cond.notify_all()
         self._last = (end - 1, bytes(memoryview(data)[nbytes - BLOCK_SIZE:]))
@@ -542,8 +550,12 @@ class DataFile:
                 self._cond.wait()
 
     def _drop_pages(self) -> None:
+        """Start the writeback of the pages written since the last drop (segment 0 and the open segments
+        written since), and drop the clean ones."""
+        with self._cond:
+            written, self._recent_segs = self._recent_segs, set()
         with self._seg_lock:
-            others = list(self._segs.values())
+            others = [self._segs[seg] for seg in written if seg in self._segs]
             for h in others:
                 h.pins += 1
         try:
@@ -574,6 +586,8 @@ class DataFile:
                     os.fsync(dfd)
                 finally:
                     os.close(dfd)
+            if len(dirty) > SYNCFS_FROM and syncfs(self._fd):
+                dirty = set()       # one syncfs of the store's filesystem instead of many fdatasyncs
             for seg in sorted(dirty):
                 h = self._pin(seg, create=False)   # reopened if evicted: fdatasync covers the file
                 try:
@@ -642,15 +656,33 @@ _FALLOC_PUNCH = 0x02 | 0x01        # FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE 
 _libc = None
 
 
-def punch_hole(fd: int, pos: int, nbytes: int) -> bool:
-    """Deallocate bytes [pos, pos+nbytes) of a file, keeping its size; False where the filesystem cannot."""
+def _load_libc():
     global _libc
     import ctypes
     import ctypes.util
     if _libc is None:
         _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
         _libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
-    if _libc.fallocate(fd, _FALLOC_PUNCH, pos, nbytes) == 0:
+    return _libc
+
+
+def syncfs(fd: int) -> bool:
+    """syncfs(2) on the filesystem holding fd (Linux 5.8 and later report writeback errors through it);
+    False where libc lacks it."""
+    import ctypes
+    fn = getattr(_load_libc(), "syncfs", None)
+    if fn is None:
+        return False
+    if fn(fd) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))
+    return True
+
+
+def punch_hole(fd: int, pos: int, nbytes: int) -> bool:
+    """Deallocate bytes [pos, pos+nbytes) of a file, keeping its size; False where the filesystem cannot."""
+    import ctypes
+    if _load_libc().fallocate(fd, _FALLOC_PUNCH, pos, nbytes) == 0:
         return True
     err = ctypes.get_errno()
     if err in (errno.EOPNOTSUPP, errno.ENOSYS):

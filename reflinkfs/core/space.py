@@ -265,8 +265,8 @@ class Space:
         """The end (block within the segment) of the last block of seg released in the open transaction:
         the committed state may still read blocks up to there."""
         base = seg_base(seg)
-        ends = [p + n - base for p, n in self.pending if base <= p < base + SEG_BLOCKS]
-        return max(ends, default=0)
+        ends = [e for _, e, inside in self._pending_segs.pieces(base, base + SEG_BLOCKS) if inside]
+        return ends[-1] - base if ends else 0
 
     def alloc(self, nblocks: int) -> list[Run]:
         """Allocate nblocks blocks (refcount 1) as few runs as possible."""

@@ -202,16 +202,18 @@ class Volume:
         # statfs never counts a large table
         self._inode_rows = db.execute("SELECT COUNT(*) FROM inodes").fetchone()[0]
         # An owned segment's size follows its owner's size. The trigger notes the segments whose owner's
-        # size changed, inside the operation (so a rollback forgets them); _settle_segments then keeps
-        # `segments` in step and queues the resize of their files, in write order.
+        # size changed (in a Python set: no SQL for an operation that changes no size; a rolled-back
+        # note only costs a check); _settle_segments then keeps `segments` in step and queues the
+        # resize of their files, in write order.
         # who owns a segment is asked at every commit that frees its blocks (created here, not by the schema,
         # so that stores made before it get it too)
         db.execute("CREATE INDEX IF NOT EXISTS inodes_own_seg ON inodes(own_seg) WHERE own_seg != 0")
-        db.execute("CREATE TEMP TABLE IF NOT EXISTS seg_touch(seg INTEGER PRIMARY KEY)")
+        self._touched: set[int] = set()     # segments whose size may have to follow their owner's (this op)
+        self._txn_segs: set[int] = set()    # segments written or resized in the open transaction
+        db.create_function("reflinkfs_seg_touched", 1, self._touched.add, deterministic=False)
         db.execute("CREATE TEMP TRIGGER IF NOT EXISTS seg_follows_size AFTER UPDATE OF size ON inodes "
                    "WHEN NEW.own_seg != 0 AND NEW.size != OLD.size BEGIN "
-                   "INSERT OR IGNORE INTO seg_touch(seg) VALUES (NEW.own_seg); END")
-        self._txn_segs: set[int] = set()    # segments written or resized in the open transaction
+                   "SELECT reflinkfs_seg_touched(NEW.own_seg); END")
         self._purge_orphans()
         treeclone.purge_staging(self)       # a tree clone the daemon did not finish (core/treeclone.py)
 
@@ -304,15 +306,15 @@ class Volume:
         self.db.execute("RELEASE op")
 
     def _settle_segments(self) -> None:
-        """At the end of an operation: each segment noted in `seg_touch` is kept at its owner's size (a
+        """At the end of an operation: each segment noted in `_touched` is kept at its owner's size (a
         segment nobody owns keeps its size), and its file is resized to that, in write order, but never
         below the blocks the committed state may still read (released in this transaction): the commit
         cuts those off once it is durable."""
-        rows = self.db.execute("SELECT seg FROM seg_touch").fetchall()
-        if not rows:
+        if not self._touched:
             return
-        self.db.execute("DELETE FROM seg_touch")
-        for (seg,) in rows:
+        touched = sorted(self._touched)
+        self._touched.clear()
+        for seg in touched:
             row = self.db.execute("SELECT size_bytes FROM segments WHERE seg=?", (seg,)).fetchone()
             if row is None:
                 continue
@@ -325,7 +327,7 @@ class Volume:
             self.data.resize(seg, max(size, self.space.pending_end(seg) * BS))
 
     def _touch_segment(self, seg: int) -> None:
-        self.db.execute("INSERT OR IGNORE INTO seg_touch(seg) VALUES (?)", (seg,))
+        self._touched.add(seg)
         self._txn_segs.add(seg)
 
     def commit(self, wait: bool = True):
@@ -1015,6 +1017,7 @@ class Volume:
                     self._abandon(own)
                     rolled_from = own
                 own = self.space.new_segment(ino, size)
+                self.data.created(own)
             base = seg_base(own)
             placed = [(lb, base + lb, n) for lb, n in new]
             for _, pb, n in placed:

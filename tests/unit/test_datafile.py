@@ -254,6 +254,7 @@ def test_open_segments_stay_bounded_and_sync_reaches_the_closed_ones(df, monkeyp
     """However many segments are written, at most MAX_OPEN_SEGS stay open; a sync makes durable the
     segments closed since they were written too (it reopens them)."""
     monkeypatch.setattr(datafile, "MAX_OPEN_SEGS", 3)
+    monkeypatch.setattr(datafile, "SYNCFS_FROM", 100)    # one fdatasync per segment, not one syncfs
     synced: list[int] = []
     real = os.fdatasync
     monkeypatch.setattr(os, "fdatasync", lambda fd: (synced.append(os.fstat(fd).st_ino), real(fd)))
@@ -270,3 +271,20 @@ def test_open_segments_stay_bounded_and_sync_reaches_the_closed_ones(df, monkeyp
     synced.clear()
     df.sync()                                  # nothing written since: no segment needs it again
     assert not inodes & set(synced)
+
+
+def test_many_segments_to_sync_take_one_syncfs(df, monkeypatch):
+    """Past SYNCFS_FROM segments written since the last sync, one syncfs(2) of the store's filesystem
+    replaces their fdatasyncs (a tree of many small files, each in its own segment)."""
+    calls: list[str] = []
+    real_fdatasync, real_syncfs = os.fdatasync, datafile.syncfs
+    monkeypatch.setattr(os, "fdatasync", lambda fd: (calls.append("fdatasync"), real_fdatasync(fd)))
+    monkeypatch.setattr(datafile, "syncfs", lambda fd: (calls.append("syncfs"), real_syncfs(fd))[1])
+    for s in range(1, datafile.SYNCFS_FROM + 2):
+        df.write(datafile.seg_base(s), blocks(s))
+    df.sync()
+    assert calls.count("syncfs") == 1 and calls.count("fdatasync") == 1     # segment 0's
+    calls.clear()
+    df.write(datafile.seg_base(1), blocks(9))
+    df.sync()
+    assert calls == ["fdatasync", "fdatasync"]
