@@ -357,7 +357,7 @@ class Space:
                 self._gone.append(seg)      # made by an operation that rolled back: its file may exist
             elif (self.db.execute("SELECT 1 FROM refs WHERE pblock >= ? AND pblock < ? LIMIT 1",
                                   (base, base + SEG_BLOCKS)).fetchone() is None and
-                    self.db.execute("SELECT 1 FROM inodes WHERE own_seg=? LIMIT 1", (seg,)).fetchone() is None):
+                    self.db.execute("SELECT 1 FROM inodes WHERE own_seg=? AND own_seg != 0 LIMIT 1", (seg,)).fetchone() is None):
                 self.db.execute("DELETE FROM segments WHERE seg=?", (seg,))
                 self._gone.append(seg)
 

@@ -319,7 +319,8 @@ class Volume:
             if row is None:
                 continue
             size = row[0]
-            owner = self.db.execute("SELECT size FROM inodes WHERE own_seg=?", (seg,)).fetchone()
+            # (the "!= 0" lets SQLite use the partial index inodes_own_seg: it cannot know that ? is not 0)
+            owner = self.db.execute("SELECT size FROM inodes WHERE own_seg=? AND own_seg != 0", (seg,)).fetchone()
             if owner is not None and owner[0] != size:
                 size = owner[0]
                 self.db.execute("UPDATE segments SET size_bytes=? WHERE seg=?", (size, seg))
