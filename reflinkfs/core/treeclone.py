@@ -43,7 +43,9 @@ from . import acl, segments
 
 STAGING_PARENT = 0              # no inode has this number: entries under it are unreachable
 STAGING_PREFIX = b".reflinkfs-tree-clone-"
-BATCH = 2000                    # entries per step
+BATCH = 2000                    # entries of a phase's first step
+BATCH_MIN, BATCH_MAX = 64, 32768
+STEP_SECONDS = 0.015            # what a step aims to take: how long the mount's other requests may wait
 
 
 @dataclass(frozen=True)
@@ -142,12 +144,14 @@ class TreeClone:
     (it frees what was built). `run()` does all of it at once (tests, tools)."""
 
     def __init__(self, vol, src: int, dst_parent: int, dst_name: bytes, cred: Cred | None = None,
-                 batch: int = BATCH):
+                 batch: int | None = None):
         self.vol = vol
         self.db = vol.db
         self.src, self.dst_parent, self.dst_name = src, dst_parent, dst_name
         self.cred = cred
-        self.batch = batch
+        self.adaptive = batch is None       # else every step takes `batch` entries (tests)
+        self.batch = BATCH if batch is None else batch
+        self._batches = {"scan": self.batch, "copy": self.batch}
         self.progress = TreeProgress()
         self.staging_name = STAGING_PREFIX + b"%d-%d" % (os.getpid(), time.monotonic_ns())
         self._staged_root: int | None = None
@@ -357,7 +361,21 @@ class TreeClone:
 
     # -- driving -------------------------------------------------------------------------------
     def step(self) -> bool:
-        """Do one batch; False when the tree is built and only `publish` is left."""
+        """Do one batch; False when the tree is built and only `publish` is left. The batch adapts, per
+        phase, so that a step takes about STEP_SECONDS: entries differ in cost (a file of many extents
+        costs more than an empty one), and a step is as long as the mount makes other requests wait."""
+        phase = self.progress.phase
+        self.batch = self._batches.get(phase, self.batch)
+        started = time.perf_counter()
+        try:
+            return self._step()
+        finally:
+            if self.adaptive and phase in self._batches:
+                took = max(time.perf_counter() - started, 1e-4)
+                scale = min(2.0, max(0.5, STEP_SECONDS / took))     # damped: one odd step moves it little
+                self._batches[phase] = min(BATCH_MAX, max(BATCH_MIN, int(self.batch * scale)))
+
+    def _step(self) -> bool:
         if self.progress.phase == "scan":
             if self._scan_step():
                 return True
@@ -449,6 +467,7 @@ def purge_staging(vol) -> int:
     return n
 
 
-def clone_tree(vol, src: int, dst_parent: int, dst_name: bytes, cred: Cred | None = None, batch: int = BATCH):
+def clone_tree(vol, src: int, dst_parent: int, dst_name: bytes, cred: Cred | None = None,
+               batch: int | None = None):
     """Clone directory src to (dst_parent, dst_name) at once; the new directory's attributes."""
     return TreeClone(vol, src, dst_parent, dst_name, cred, batch).run()
