@@ -38,11 +38,11 @@ def add_parsers(sub) -> None:
                    help="let the kernel cache mount files too (for comparison; costs one copy per inode)")
     s.add_argument("--commit-interval", type=float, default=5.0, help="seconds between metadata commits")
     s.add_argument("--log", help="daemon log file (default: STORE/log)")
-    s.set_defaults(handler=lambda args: _daemon().cmd_mount(args))
+    s.set_defaults(handler=_cmd_mount)
 
     s = sub.add_parser("umount", help="unmount, flushing everything to the store")
     s.add_argument("mountpoint")
-    s.set_defaults(handler=lambda args: _daemon().cmd_umount(args))
+    s.set_defaults(handler=_cmd_umount)
 
     s = sub.add_parser("clone", help="share all extents of SRC with DST, or fail (never copies bytes)")
     s.add_argument("src")
@@ -70,9 +70,14 @@ def add_parsers(sub) -> None:
     s.add_argument("--count", type=int, help="stop --watch after this many lines")
 
 
-def _daemon():
+def _cmd_mount(args) -> int:
     from . import daemon
-    return daemon
+    return daemon.cmd_mount(args)
+
+
+def _cmd_umount(args) -> int:
+    from . import daemon
+    return daemon.cmd_umount(args)
 
 
 def cmd_stat(args) -> int:
