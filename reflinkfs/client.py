@@ -3,8 +3,6 @@ mount's root, a file's extent map.
 """
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 import json
 import os
 
@@ -14,13 +12,17 @@ from .xattrs import EXTENTS as XATTR_EXTENTS
 from .xattrs import STATUS as XATTR_STATUS
 
 XATTR_SIZE_MAX = 65536
-_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+_libc = None       # loaded at first use: ctypes costs a command's start-up, and most commands need no libc call
 
 
 def read_attribute(path, name: str) -> bytes:
     """One getxattr (of a path, or of an open descriptor) with the largest buffer the kernel allows, so
     the daemon computes the answer once (os.getxattr asks again with a bigger buffer when the first is
     too small)."""
+    import ctypes
+    global _libc
+    if _libc is None:
+        _libc = ctypes.CDLL(None, use_errno=True)     # the libc the interpreter is linked with
     buf = ctypes.create_string_buffer(XATTR_SIZE_MAX)
     target: int | bytes
     if isinstance(path, int):

@@ -18,8 +18,8 @@ from .xattrs import STATUS as XATTR_STATUS
 
 
 def add_parsers(sub) -> None:
-    """The subcommands that take a mount; each names its handler (set_defaults)."""
-    from . import daemon
+    """The subcommands that take a mount; each names its handler (set_defaults). daemon.py is imported
+    only by the commands that use it (its imports cost every other command's start-up)."""
     from .units import parse_size
     s = sub.add_parser("mount", help="mount a store (returns once the mount is ready)")
     s.add_argument("store")
@@ -38,11 +38,11 @@ def add_parsers(sub) -> None:
                    help="let the kernel cache mount files too (for comparison; costs one copy per inode)")
     s.add_argument("--commit-interval", type=float, default=5.0, help="seconds between metadata commits")
     s.add_argument("--log", help="daemon log file (default: STORE/log)")
-    s.set_defaults(handler=daemon.cmd_mount)
+    s.set_defaults(handler=_cmd_mount)
 
     s = sub.add_parser("umount", help="unmount, flushing everything to the store")
     s.add_argument("mountpoint")
-    s.set_defaults(handler=daemon.cmd_umount)
+    s.set_defaults(handler=_cmd_umount)
 
     s = sub.add_parser("clone", help="share all extents of SRC with DST, or fail (never copies bytes)")
     s.add_argument("src")
@@ -68,6 +68,16 @@ def add_parsers(sub) -> None:
                    "bytes served (until Ctrl-C)")
     s.add_argument("--interval", type=float, default=1.0, help="seconds between --watch lines (default 1)")
     s.add_argument("--count", type=int, help="stop --watch after this many lines")
+
+
+def _cmd_mount(args) -> int:
+    from . import daemon
+    return daemon.cmd_mount(args)
+
+
+def _cmd_umount(args) -> int:
+    from . import daemon
+    return daemon.cmd_umount(args)
 
 
 def cmd_stat(args) -> int:
@@ -209,7 +219,6 @@ PROGRESS_AFTER = 0.5     # seconds before a progress bar appears (small trees sh
 def _clone_tree_request(root: str, src: str, dst: str) -> dict:
     """`clone -r` as one request: the daemon clones the tree and makes DST appear at once (see
     core/treeclone.py). A progress bar on a terminal while it runs; the outcome as a dict."""
-    import threading
     src_fd = os.open(src, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
         src_ino = os.fstat(src_fd).st_ino
@@ -226,21 +235,23 @@ def _clone_tree_request(root: str, src: str, dst: str) -> dict:
         except OSError:
             return {}
 
-    done = threading.Event()
     bar = Progress(0, "entries cloned", unit="")          # draws only on a terminal
+    watcher = done = None
+    if bar.enabled:                 # threading only then: its import adds to every clone's start-up
+        import threading
+        done = threading.Event()
 
-    def watch() -> None:
-        if done.wait(PROGRESS_AFTER):
-            return
-        while not done.is_set():
-            info = outcome()
-            if info.get("entries_total"):
-                bar.total = info["entries_total"]
-                bar.advance(info["entries_done"] - bar.done)
-            done.wait(0.2)
+        def watch() -> None:
+            if done.wait(PROGRESS_AFTER):
+                return
+            while not done.is_set():
+                info = outcome()
+                if info.get("entries_total"):
+                    bar.total = info["entries_total"]
+                    bar.advance(info["entries_done"] - bar.done)
+                done.wait(0.2)
 
-    watcher = threading.Thread(target=watch, daemon=True) if bar.enabled else None
-    if watcher:
+        watcher = threading.Thread(target=watch, daemon=True)
         watcher.start()
     pfd = os.open(parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
@@ -253,8 +264,8 @@ def _clone_tree_request(root: str, src: str, dst: str) -> dict:
         raise StoreError(f"cannot clone {src} to {dst}: {reason}") from None
     finally:
         os.close(pfd)
-        done.set()
-        if watcher:
+        if watcher and done:
+            done.set()
             watcher.join()
             bar.close()
     info = outcome()

@@ -10,7 +10,6 @@ import contextlib
 import errno
 import fcntl
 import os
-import subprocess
 from dataclasses import dataclass
 
 from .errors import StoreError
@@ -148,6 +147,7 @@ def answers_enotconn(path: str) -> bool:
 
 def detach(mnt: str) -> None:
     """Lazily detach the mount on mnt (processes still inside keep getting ENOTCONN)."""
+    import subprocess
     r = subprocess.run(["fusermount3", "-u", "-z", mnt], capture_output=True, text=True, timeout=60)
     if r.returncode != 0:
         msg = (r.stderr.strip().splitlines() or ["fusermount3 failed"])[-1]

@@ -5,8 +5,13 @@
 
 A benchmark, not a test. Trees: the --tree directory (the standard library), 10 copies of it, and
 --files generated small files (100 per directory). Each command is timed from outside, start-up
-included. While each `reflinkfs clone -r` runs, a thread stats one file of the mount in a loop and the
-longest single stat is reported ("stall"). XFS is set up on a loop device when mkfs.xfs exists and
+included: `reflinkfs` is the command installed beside this Python (else `python -m reflinkfs.cli`), run
+with bytecode caching allowed, as an installed package runs. While each `reflinkfs clone -r` runs, a
+thread stats a name that does not exist in a directory of the mount in a loop (every such stat is a
+LOOKUP the daemon must answer: the kernel caches no failed lookup) and the longest single stat is
+reported ("stall"); the same loop run as long with no clone running gives the machine's own figure
+("idle"). A second loop does the same in DST's parent: the kernel holds that directory's lock for the
+whole request, so a lookup there of a name it has not cached waits for the clone to end. XFS is set up on a loop device when mkfs.xfs exists and
 the machine lets us mount it (root); otherwise the row says why not. Everything is unmounted and
 removed at the end.
 """
@@ -24,7 +29,8 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-CLI = [sys.executable, "-m", "reflinkfs.cli"]
+_INSTALLED = Path(sys.executable).with_name("reflinkfs")
+CLI = [str(_INSTALLED)] if _INSTALLED.exists() else [sys.executable, "-m", "reflinkfs.cli"]
 
 
 def sh(*argv, check=True, **kw):
@@ -44,7 +50,8 @@ def timed_out(*argv) -> tuple[float, str]:
 
 
 class StatLoop:
-    """stat() one path in a loop in a thread; the longest one is the stall the mount showed."""
+    """stat() one path in a loop in a thread; the longest one is the stall the mount showed. A path that
+    does not exist is looked up by the daemon every time."""
     def __init__(self, path: Path):
         self.path, self.worst, self.count = path, 0.0, 0
         self._stop = threading.Event()
@@ -53,7 +60,10 @@ class StatLoop:
     def _run(self):
         while not self._stop.is_set():
             t = time.perf_counter()
-            os.stat(self.path)
+            try:
+                os.stat(self.path)
+            except FileNotFoundError:
+                pass
             self.worst = max(self.worst, time.perf_counter() - t)
             self.count += 1
 
@@ -77,6 +87,7 @@ def main(argv=None) -> int:
     ap.add_argument("--dir", default=None)
     args = ap.parse_args(argv)
     os.environ["PYTHONPATH"] = str(REPO)
+    os.environ.pop("PYTHONDONTWRITEBYTECODE", None)    # an installed package has its bytecode cached
     base = Path(tempfile.mkdtemp(prefix="bench-tree-", dir=args.dir))
     store, mnt = base / "store", base / "mnt"
     mnt.mkdir()
@@ -102,14 +113,18 @@ def main(argv=None) -> int:
                 (sub / f"f{i:02d}").write_bytes(b"x" * (i * 13))
         sh(*CLI, "umount", mnt)          # start from a committed store, as after a normal day
         sh(*CLI, "mount", store, mnt)
-        probe = mnt / "one" / "os.py"
+        probe = mnt / "one" / "no-such-name"           # not DST's parent: see the module notes
+        in_parent = mnt / "no-such-name"                # DST's parent (DST is mnt/rc-...)
         for label, tree in (("stdlib", one), ("10x stdlib", ten), (f"{args.files} files", gen)):
             n = count_entries(tree)
-            with StatLoop(probe) as s:
+            with StatLoop(probe) as s, StatLoop(in_parent) as p:
                 t, out = timed_out(*CLI, "clone", "-r", "--json", tree, mnt / f"rc-{tree.name}")
+            with StatLoop(probe) as idle:
+                time.sleep(t)
             step = json.loads(out)["longest_step_ms"]
             rows.append((label, n, "reflinkfs clone -r", t,
-                         f"{s.worst * 1000:.1f} ms ({s.count} stats; longest daemon step {step:.1f} ms)"))
+                         f"{s.worst * 1000:.1f} ms (idle {idle.worst * 1000:.1f} ms; in DST's parent "
+                         f"{p.worst * 1000:.0f} ms; longest daemon step {step:.1f} ms)"))
             if tree is not gen:
                 rows.append((label, n, "reflinkfs cp -a --reflink=auto", timed("cp", "-a", "--reflink=auto", tree,
                                                                               mnt / f"cp-{tree.name}"), ""))

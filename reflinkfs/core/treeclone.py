@@ -44,7 +44,9 @@ from .datafile import SEG_SHIFT
 
 STAGING_PARENT = 0              # no inode has this number: entries under it are unreachable
 STAGING_PREFIX = b".reflinkfs-tree-clone-"
-BATCH = 2000                    # entries per step
+BATCH = 2000                    # entries of a phase's first step
+BATCH_MIN, BATCH_MAX = 64, 32768
+STEP_SECONDS = 0.015            # what a step aims to take: how long the mount's other requests may wait
 
 
 @dataclass(frozen=True)
@@ -143,12 +145,14 @@ class TreeClone:
     (it frees what was built). `run()` does all of it at once (tests, tools)."""
 
     def __init__(self, vol, src: int, dst_parent: int, dst_name: bytes, cred: Cred | None = None,
-                 batch: int = BATCH):
+                 batch: int | None = None):
         self.vol = vol
         self.db = vol.db
         self.src, self.dst_parent, self.dst_name = src, dst_parent, dst_name
         self.cred = cred
-        self.batch = batch
+        self.adaptive = batch is None       # else every step takes `batch` entries (tests)
+        self.batch = BATCH if batch is None else batch
+        self._batches = {"scan": self.batch, "copy": self.batch}
         self.progress = TreeProgress()
         self.staging_name = STAGING_PREFIX + b"%d-%d" % (os.getpid(), time.monotonic_ns())
         self._staged_root: int | None = None
@@ -191,67 +195,93 @@ class TreeClone:
         return row[0] if row else None
 
     # -- temporary tables ----------------------------------------------------------------------
+    # tc_queue  directories still to visit: (old dir, new dir or NULL while scanning, last name taken);
+    #           paged by name, so each page is one range of the dirents (parent, name) index
+    # tc_batch  the entries of this step, in the order taken: (old parent, new parent, name, old inode,
+    #           new inode when an earlier step already made it: a hard link)
+    # tc_new    the inodes this step creates: old -> new, how many of the step's entries name it, whether
+    #           it is a directory, whether other names of it may come later (nlink > 1)
+    # tc_map    old -> new for hard-linked inodes already made (only those: a file with one name, or a
+    #           directory, is met once)
+    _TABLES = ("tc_queue", "tc_batch", "tc_new", "tc_map")
+
     def _make_tables(self) -> None:
         ex = self.db.execute
-        for t in ("tc_queue", "tc_map", "tc_batch"):
-            ex(f"DROP TABLE IF EXISTS temp.{t}")
-        # directories still to visit: (old dir, new dir, last dirent id done, path for messages)
-        ex("CREATE TEMP TABLE tc_queue(seq INTEGER PRIMARY KEY, old INTEGER, new INTEGER, after_id INTEGER, "
-           "path BLOB)")
+        self._drop_tables()
+        ex("CREATE TEMP TABLE tc_queue(seq INTEGER PRIMARY KEY, old INTEGER, new INTEGER, after BLOB)")
+        ex("CREATE TEMP TABLE tc_batch(seq INTEGER PRIMARY KEY, old_parent INTEGER, new_parent INTEGER, name BLOB, "
+           "old INTEGER, new INTEGER)")
+        ex("CREATE TEMP TABLE tc_new(old INTEGER PRIMARY KEY, new INTEGER, names INTEGER, dir INTEGER, "
+           "linked INTEGER)")
         ex("CREATE TEMP TABLE tc_map(old INTEGER PRIMARY KEY, new INTEGER NOT NULL)")
-        ex("CREATE TEMP TABLE tc_batch(id INTEGER PRIMARY KEY, old_parent INTEGER, new_parent INTEGER, name BLOB, old INTEGER)")
-        ex("INSERT INTO tc_queue(old, new, after_id, path) VALUES (?, NULL, 0, ?)", (self.src, b""))
+        ex("INSERT INTO tc_queue(old, new, after) VALUES (?, NULL, x'')", (self.src,))
+        self._mapped = 0            # rows in tc_map: while 0, no entry can be a later name of a made inode
 
     def _drop_tables(self) -> None:
-        for t in ("tc_queue", "tc_map", "tc_batch"):
+        for t in self._TABLES:
             self.db.execute(f"DROP TABLE IF EXISTS temp.{t}")
 
-    def _take_batch(self) -> list[tuple[int, bytes | None]]:
-        """Move up to `batch` entries from the front of the queue into tc_batch; returns the directories
-        they came from, as (old dir, path)."""
+    def _take_batch(self) -> int:
+        """Move up to `batch` entries from the front of the queue into tc_batch; returns how many."""
         ex = self.db.execute
         ex("DELETE FROM tc_batch")
         left = self.batch
-        taken = []
         while left > 0:
-            row = ex("SELECT seq, old, new, after_id, path FROM tc_queue ORDER BY seq LIMIT 1").fetchone()
+            row = ex("SELECT seq, old, new, after FROM tc_queue ORDER BY seq LIMIT 1").fetchone()
             if row is None:
                 break
-            seq, old, new, after, path = row
-            n = ex("INSERT INTO tc_batch(id, old_parent, new_parent, name, old) SELECT id, parent, ?, name, ino "
-                   "FROM dirents WHERE parent=? AND id>? ORDER BY id LIMIT ?", (new, old, after, left)).rowcount
+            seq, old, new, after = row
+            n = ex("INSERT INTO tc_batch(old_parent, new_parent, name, old) SELECT parent, ?, name, ino FROM dirents "
+                   "WHERE parent=? AND name>? ORDER BY name LIMIT ?", (new, old, after, left)).rowcount
             if n < left:
                 ex("DELETE FROM tc_queue WHERE seq=?", (seq,))
             else:
-                ex("UPDATE tc_queue SET after_id=(SELECT MAX(id) FROM tc_batch WHERE old_parent=?) WHERE seq=?",
-                   (old, seq))
+                ex("UPDATE tc_queue SET after=(SELECT name FROM tc_batch ORDER BY seq DESC LIMIT 1) WHERE seq=?",
+                   (seq,))
             left -= n
-            taken.append((old, path))
-        return taken
+        return self.batch - left
+
+    def _queue_directories(self, table: str) -> None:
+        """Queue the directories among `table`'s entries (tc_batch while scanning, tc_new while copying)."""
+        if table == "tc_batch":
+            self.db.execute("INSERT INTO tc_queue(old, new, after) SELECT b.old, NULL, x'' FROM tc_batch b "
+                            "CROSS JOIN inodes i ON i.ino = b.old WHERE (i.mode & 61440) = 16384 ORDER BY b.seq")
+        else:
+            self.db.execute("INSERT INTO tc_queue(old, new, after) SELECT old, new, x'' FROM tc_new WHERE dir "
+                            "ORDER BY old")
+
+    def _path(self, name: bytes, parent: int) -> bytes:
+        """The path, relative to SRC, of entry `name` of directory `parent` (for messages)."""
+        parts = [name]
+        while parent != self.src:
+            row = self.db.execute("SELECT parent, name FROM dirents WHERE ino=? LIMIT 1", (parent,)).fetchone()
+            if row is None:
+                break
+            parent = row[0]
+            parts.append(row[1])
+        return b"/".join(reversed(parts))
 
     # -- phase 1: scan (count, check permissions) ----------------------------------------------
     def _scan_step(self) -> bool:
-        taken = self._take_batch()
-        if not taken:
+        n = self._take_batch()
+        if not n:
             return False
-        ex = self.db.execute
-        for old, path in taken:
-            for ino, name, mode, uid, gid, blocks, acl_value in ex(
-                    "SELECT i.ino, d.name, i.mode, i.uid, i.gid, i.blocks, x.value FROM tc_batch d "
-                    "JOIN inodes i ON i.ino = d.old "
-                    "LEFT JOIN xattrs x ON x.ino = i.ino AND x.name = ? "
-                    "WHERE d.old_parent=?", (acl.ACCESS, old)).fetchall():
-                rel = path + b"/" + name if path else name
-                self.progress.entries_total += 1
+        self.progress.entries_total += n
+        cred = self.cred
+        if cred is not None and not cred.root:
+            for parent, name, mode, uid, gid, acl_value in self.db.execute(
+                    "SELECT b.old_parent, b.name, i.mode, i.uid, i.gid, x.value FROM tc_batch b "
+                    "CROSS JOIN inodes i ON i.ino = b.old LEFT JOIN xattrs x ON x.ino = i.ino AND x.name = ? "
+                    "ORDER BY b.seq", (acl.ACCESS,)).fetchall():
                 if stat.S_ISDIR(mode):
-                    if not may(self.cred, mode, uid, gid, acl_value, 5):
-                        raise refused(errno.EACCES, "cannot read a directory of the source", rel)
-                    ex("INSERT INTO tc_queue(old, new, after_id, path) VALUES (?, NULL, 0, ?)", (ino, rel))
+                    if not may(cred, mode, uid, gid, acl_value, 5):
+                        raise refused(errno.EACCES, "cannot read a directory of the source", self._path(name, parent))
                 elif stat.S_ISREG(mode):
-                    if not may(self.cred, mode, uid, gid, acl_value, 4):
-                        raise refused(errno.EACCES, "cannot read a file of the source", rel)
-                elif (stat.S_ISCHR(mode) or stat.S_ISBLK(mode)) and self.cred is not None and not self.cred.root:
-                    raise refused(errno.EPERM, "only root may clone a device node", rel)
+                    if not may(cred, mode, uid, gid, acl_value, 4):
+                        raise refused(errno.EACCES, "cannot read a file of the source", self._path(name, parent))
+                elif stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
+                    raise refused(errno.EPERM, "only root may clone a device node", self._path(name, parent))
+        self._queue_directories("tc_batch")
         return True
 
     # -- phase 2: copy, one batch per step ------------------------------------------------------
@@ -261,47 +291,54 @@ class TreeClone:
         self.progress.phase = "copy"
         ex("DELETE FROM tc_queue")
         with self.vol.operation():
-            new = self._copy_inodes("SELECT ? AS old", (self.src,))
+            ex("DELETE FROM tc_batch")
+            ex("INSERT INTO tc_batch(new_parent, name, old) VALUES (NULL, NULL, ?)", (self.src,))
+            new = self._copy_inodes()
             ex("INSERT INTO dirents(parent, name, ino) VALUES (?, ?, ?)", (STAGING_PARENT, self.staging_name, new))
         self._staged_root = new
-        ex("INSERT INTO tc_queue(old, new, after_id, path) VALUES (?, ?, 0, NULL)", (self.src, new))
+        ex("INSERT INTO tc_queue(old, new, after) VALUES (?, ?, x'')", (self.src, new))
 
-    def _copy_inodes(self, olds_sql: str, args: tuple) -> int:
-        """New inodes for the source inodes `olds_sql` selects (column `old`) that have none yet: attributes,
-        xattrs and extents copied, references added. Returns the first new inode number."""
+    def _copy_inodes(self) -> int:
+        """New inodes for tc_batch's entries that have none yet (into tc_new): attributes, xattrs and
+        extents copied, references added, segments shared frozen. Returns the first new inode number."""
         ex = self.db.execute
+        if self._mapped:            # later names of hard-linked inodes made by an earlier step
+            ex("UPDATE tc_batch SET new = m.new FROM tc_map m WHERE m.old = tc_batch.old")
         base = ex("SELECT COALESCE(MAX(ino), 0) + 1 FROM inodes").fetchone()[0]
-        n = ex(f"INSERT INTO tc_map(old, new) SELECT old, ? + ROW_NUMBER() OVER (ORDER BY old) - 1 "
-               f"FROM (SELECT DISTINCT old FROM ({olds_sql}) WHERE old NOT IN (SELECT old FROM tc_map))",
-               (base, *args)).rowcount
+        ex("DELETE FROM tc_new")
+        n = ex("INSERT INTO tc_new(old, new, names, dir, linked) "
+               "SELECT b.old, ? + ROW_NUMBER() OVER (ORDER BY b.old) - 1, COUNT(*), (i.mode & 61440) = 16384, "
+               "(i.mode & 61440) != 16384 AND i.nlink > 1 "
+               "FROM tc_batch b CROSS JOIN inodes i ON i.ino = b.old WHERE b.new IS NULL GROUP BY b.old",
+               (base,)).rowcount
         if n <= 0:
             return base
         now = time.time_ns()
         cred = self.cred
         keep_owner = cred is None or cred.root
-        # directories start at nlink 2 (their subdirectories add theirs), others at 0 (their entries count)
+        # directories start at nlink 2 (their subdirectories add theirs as they are made), others at the
+        # number of their names made so far
         ex("INSERT INTO inodes(ino, mode, uid, gid, nlink, size, blocks, rdev, atime_ns, mtime_ns, ctime_ns, target) "
-           "SELECT m.new, CASE WHEN ? OR (i.mode & 61440) = 16384 THEN i.mode ELSE i.mode & ~3072 END, "
+           "SELECT n.new, CASE WHEN ? OR n.dir THEN i.mode ELSE i.mode & ~3072 END, "
            "CASE WHEN ? THEN i.uid ELSE ? END, CASE WHEN ? THEN i.gid ELSE ? END, "
-           "CASE WHEN (i.mode & 61440) = 16384 THEN 2 ELSE 0 END, i.size, i.blocks, i.rdev, i.atime_ns, "
-           "i.mtime_ns, ?, i.target FROM tc_map m JOIN inodes i ON i.ino = m.old WHERE m.new >= ?",
+           "CASE WHEN n.dir THEN 2 ELSE n.names END, i.size, i.blocks, i.rdev, i.atime_ns, "
+           "i.mtime_ns, ?, i.target FROM tc_new n CROSS JOIN inodes i ON i.ino = n.old",
            (keep_owner, keep_owner, cred.uid if cred is not None else 0, keep_owner,
-            cred.gid if cred is not None else 0,
-            now, base))
+            cred.gid if cred is not None else 0, now))
         self.vol.inodes_added(n)
-        ex("INSERT INTO xattrs(ino, name, value) SELECT m.new, x.name, x.value FROM tc_map m "
-           "JOIN xattrs x ON x.ino = m.old WHERE m.new >= ?", (base,))
-        ex("INSERT INTO extents(ino, lblock, pblock, nblocks) SELECT m.new, e.lblock, e.pblock, e.nblocks "
-           "FROM tc_map m JOIN extents e ON e.ino = m.old WHERE m.new >= ?", (base,))
-        runs = ex("SELECT e.pblock, e.nblocks FROM tc_map m JOIN extents e ON e.ino = m.old WHERE m.new >= ?",
-                  (base,)).fetchall()
+        ex("INSERT INTO xattrs(ino, name, value) SELECT n.new, x.name, x.value FROM tc_new n "
+           "CROSS JOIN xattrs x ON x.ino = n.old")
+        ex("INSERT INTO extents(ino, lblock, pblock, nblocks) SELECT n.new, e.lblock, e.pblock, e.nblocks "
+           "FROM tc_new n CROSS JOIN extents e ON e.ino = n.old")
+        runs = ex("SELECT pblock, nblocks FROM extents WHERE ino >= ?", (base,)).fetchall()
         if runs:
             # a source whose blocks lie in its own segment loses it: a shared segment is frozen
-            ex("UPDATE inodes SET own_seg=0 WHERE own_seg != 0 AND ino IN (SELECT old FROM tc_map WHERE new >= ?) "
+            ex("UPDATE inodes SET own_seg=0 WHERE ino IN (SELECT old FROM tc_new) AND +own_seg != 0 "
                "AND EXISTS (SELECT 1 FROM extents e WHERE e.ino = inodes.ino AND e.pblock >= (inodes.own_seg << ?) "
-               "AND e.pblock < ((inodes.own_seg + 1) << ?))", (base, SEG_SHIFT, SEG_SHIFT))
+               "AND e.pblock < ((inodes.own_seg + 1) << ?))", (SEG_SHIFT, SEG_SHIFT))
             self.vol.space.adjust(runs, +1)
-            self.progress.bytes_shared += sum(n for _, n in runs) * BLOCK_SIZE
+            self.progress.bytes_shared += sum(nb for _, nb in runs) * BLOCK_SIZE
+        self._mapped += ex("INSERT INTO tc_map(old, new) SELECT old, new FROM tc_new WHERE linked").rowcount
         return base
 
     def _copy_step(self) -> bool:
@@ -310,25 +347,36 @@ class TreeClone:
             return False
         ex = self.db.execute
         with self.vol.operation():
-            base = self._copy_inodes("SELECT old FROM tc_batch", ())
-            ex("INSERT INTO dirents(parent, name, ino) SELECT b.new_parent, b.name, m.new FROM tc_batch b "
-               "JOIN tc_map m ON m.old = b.old ORDER BY b.id")
-            # nlink: names of a non-directory inside DST so far; a directory's subdirectories
-            ex("UPDATE inodes SET nlink = (SELECT COUNT(*) FROM dirents d WHERE d.ino = inodes.ino) "
-               "WHERE ino IN (SELECT m.new FROM tc_batch b JOIN tc_map m ON m.old = b.old) "
-               "AND (mode & 61440) != 16384")
-            ex("UPDATE inodes SET nlink = nlink + (SELECT COUNT(*) FROM tc_batch b JOIN inodes s ON s.ino = b.old "
-               "WHERE b.new_parent = inodes.ino AND (s.mode & 61440) = 16384) "
-               "WHERE ino IN (SELECT DISTINCT new_parent FROM tc_batch)")
-            ex("INSERT INTO tc_queue(old, new, after_id, path) SELECT m.old, m.new, 0, NULL FROM tc_batch b "
-               "JOIN tc_map m ON m.old = b.old JOIN inodes s ON s.ino = b.old "
-               "WHERE (s.mode & 61440) = 16384 AND m.new >= ? ORDER BY b.id", (base,))
-            self.progress.entries_done += ex("SELECT COUNT(*) FROM tc_batch").fetchone()[0]
+            self._copy_inodes()
+            ex("INSERT INTO dirents(parent, name, ino) SELECT b.new_parent, b.name, COALESCE(b.new, n.new) "
+               "FROM tc_batch b LEFT JOIN tc_new n ON n.old = b.old ORDER BY b.seq")
+            if self._mapped:        # inodes made earlier got more names
+                ex("UPDATE inodes SET nlink = nlink + c.k FROM (SELECT new, COUNT(*) AS k FROM tc_batch "
+                   "WHERE new IS NOT NULL GROUP BY new) AS c WHERE inodes.ino = c.new")
+            # each new subdirectory adds one to its parent's nlink
+            ex("UPDATE inodes SET nlink = nlink + c.k FROM (SELECT b.new_parent AS p, COUNT(*) AS k FROM tc_batch b "
+               "CROSS JOIN tc_new n ON n.old = b.old WHERE n.dir GROUP BY b.new_parent) AS c WHERE inodes.ino = c.p")
+            self._queue_directories("tc_new")
+        self.progress.entries_done += taken
         return True
 
     # -- driving -------------------------------------------------------------------------------
     def step(self) -> bool:
-        """Do one batch; False when the tree is built and only `publish` is left."""
+        """Do one batch; False when the tree is built and only `publish` is left. The batch adapts, per
+        phase, so that a step takes about STEP_SECONDS: entries differ in cost (a file of many extents
+        costs more than an empty one), and a step is as long as the mount makes other requests wait."""
+        phase = self.progress.phase
+        self.batch = self._batches.get(phase, self.batch)
+        started = time.perf_counter()
+        try:
+            return self._step()
+        finally:
+            if self.adaptive and phase in self._batches:
+                took = max(time.perf_counter() - started, 1e-4)
+                scale = min(2.0, max(0.5, STEP_SECONDS / took))     # damped: one odd step moves it little
+                self._batches[phase] = min(BATCH_MAX, max(BATCH_MIN, int(self.batch * scale)))
+
+    def _step(self) -> bool:
         if self.progress.phase == "scan":
             if self._scan_step():
                 return True
@@ -420,6 +468,7 @@ def purge_staging(vol) -> int:
     return n
 
 
-def clone_tree(vol, src: int, dst_parent: int, dst_name: bytes, cred: Cred | None = None, batch: int = BATCH):
+def clone_tree(vol, src: int, dst_parent: int, dst_name: bytes, cred: Cred | None = None,
+               batch: int | None = None):
     """Clone directory src to (dst_parent, dst_name) at once; the new directory's attributes."""
     return TreeClone(vol, src, dst_parent, dst_name, cred, batch).run()

@@ -62,6 +62,7 @@ XATTR_DU = xattrs.DU.encode()                  # du.<ino>.<ino>...: those trees 
 XATTR_CLONE_TREE = xattrs.CLONE_TREE.encode()  # set on DST's parent to b"<src inode>\0<token>\0<name>"
                                                # (clone -r); on the root, ...clone-tree.<token> reads its progress
 TREE_RESULTS = 64                              # finished tree clones whose outcome stays readable
+TREE_COMMIT_AFTER = 0.25                       # seconds of tree-clone steps between two commits
 EXTENTS_PAGE = 1500                            # keeps a page under the kernel's 64 KiB xattr limit
 
 
@@ -402,12 +403,21 @@ class Operations:
                 self._tree_clones[token] = report
                 self._tree_active = progress
                 try:
+                    work = 0.0                 # seconds of steps since the last commit
                     while True:                # one batch, one core operation; other requests in between
                         t = time.monotonic()
                         more = tc.step()
-                        longest = max(longest, time.monotonic() - t)
+                        took = time.monotonic() - t
+                        longest = max(longest, took)
+                        work += took
                         if not more:
                             break
+                        if work >= TREE_COMMIT_AFTER:
+                            # COMMIT writes the transaction's pages to the WAL in this thread: after
+                            # seconds of clone work, that is a stall of the whole mount; commit as the
+                            # work goes, so each COMMIT is short (the staging tree is consistent)
+                            work = 0.0
+                            await self.commit(durable=False)
                         await trio.sleep(0)
                 except BaseException:
                     tc.abort()
@@ -577,9 +587,10 @@ class Operations:
         if not self.vol.data.room():
             await trio.to_thread.run_sync(self.vol.data.wait_room)
 
-    async def commit(self) -> None:
+    async def commit(self, durable: bool = True) -> None:
         """Commit, with the slow parts in threads: the data file's fdatasync, and after the COMMIT, the
-        WAL's fdatasync (everything goes on meanwhile; see Volume.commit). The data is synced twice: first
+        WAL's fdatasync (everything goes on meanwhile; see Volume.commit); with durable=False, return
+        without waiting for that last sync (the commit becomes durable all the same, in order). The data is synced twice: first
         with every request going on, writes too, which takes most of the data to the disk; then with
         writes waiting, so that what the COMMIT refers to is on the disk and the loop's own sync in
         Volume.commit has nothing left to do. Writes wait only for that second sync, of what they wrote
@@ -595,5 +606,5 @@ class Operations:
                         done, self._syncing = self._syncing, None
                         done.set()
             barrier = self.vol.commit(wait=False)      # or the last commit's, if it is not durable yet
-        if barrier is not None:
+        if barrier is not None and durable:
             await trio.to_thread.run_sync(self.vol.data.wait_for, barrier)
