@@ -192,6 +192,16 @@ def drop_dentries() -> None:
         f.write("2\n")
 
 
+def cpu_seconds(pid: int) -> float | None:
+    """utime + stime of a process, all its threads, in seconds."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def timed(cmd: list[str]) -> float:
     t0 = time.perf_counter()
     run(cmd)
@@ -270,6 +280,19 @@ class Bench:
         self.targets: list[Target] = []
         self.results: dict[str, dict[str, list[float]]] = {k: {} for k, *_ in ROWS}
         self.notes: dict[str, object] = {}
+        self.cpu: dict[str, dict[str, list[float]]] = {}
+
+    def cpu_of(self, key: str, t: Target, fn):
+        """Run fn() and record the CPU time the target's daemon used meanwhile (all its threads): what a
+        request costs the daemon, less exposed than elapsed time to other load on a shared machine."""
+        pid = t.daemon_pid() if isinstance(t, DaemonTarget) else None
+        c0 = cpu_seconds(pid) if pid else None
+        value = fn()
+        if c0 is not None and pid:
+            c1 = cpu_seconds(pid)
+            if c1 is not None:
+                self.cpu.setdefault(key, {}).setdefault(t.name, []).append(c1 - c0)
+        return value
 
     def rec(self, key: str, t: Target, value: float) -> None:
         self.results[key].setdefault(t.name, []).append(value)
@@ -327,16 +350,17 @@ class Bench:
         a = self.args
         for rep in range(a.repeat):
             log(f"repetition {rep + 1} of {a.repeat}")
-            fs = self.rotation(self.fs_targets(), rep)
-            for t in fs:
-                self.rec("tar_x", t, w_tar(t, rep, self.tarball))
-            for t in fs:
-                self.rec("create", t, w_creates(t, rep, a.files))
-            for t in fs:
-                self.rec("ls_l", t, w_ls(t, rep, a.files))
-            for t in fs:
-                self.rec("rm_rf", t, w_rm(t, rep))
-            for t in fs:
+            fs = self.rotation(self.fs_targets(), rep) if self.fs_targets() else []
+            if a.only in (None, "meta"):
+                for t in fs:
+                    self.rec("tar_x", t, self.cpu_of("tar_x", t, lambda: w_tar(t, rep, self.tarball)))
+                for t in fs:
+                    self.rec("create", t, self.cpu_of("create", t, lambda: w_creates(t, rep, a.files)))
+                for t in fs:
+                    self.rec("ls_l", t, self.cpu_of("ls_l", t, lambda: w_ls(t, rep, a.files)))
+                for t in fs:
+                    self.rec("rm_rf", t, self.cpu_of("rm_rf", t, lambda: w_rm(t, rep)))
+            for t in fs if a.only in (None, "randio") else []:
                 self.rec("randread_before", t, w_randio(self.randio, t, rep, "r", a.rand_ops)[0])
                 self.rec("randwrite", t, w_randio(self.randio, t, rep, "w", a.rand_ops)[0])
                 self.rec("randread_after", t, w_randio(self.randio, t, rep, "r", a.rand_ops)[0])
@@ -344,7 +368,7 @@ class Bench:
                 os.unlink(t.path("rand"))
                 run(["dd", "if=/dev/urandom", f"of={t.path('rand')}", "bs=1M", f"count={a.rand_mib}",
                      "status=none"])
-            for t in self.rotation(self.targets, rep):
+            for t in self.rotation(self.targets, rep) if a.only in (None, "read2") else []:
                 self.rec("read2", t, w_read2(t, rep, a.big_mib * MiB))
                 if isinstance(t, ReflinkTarget):
                     self.notes[f"{t.name}_cache_after_read2"] = {
@@ -380,6 +404,16 @@ class Bench:
                 v = med[key].get(n)
                 cells.append("-" if v is None else f"{v:,.2f} {unit}" if unit != "IOPS" else f"{v:,.0f} {unit}")
             print(f"| {label} | {' | '.join(cells)} |")
+        if self.cpu:
+            cpu_names = [n for n in names if any(n in per for per in self.cpu.values())]
+            print("\ndaemon CPU seconds (median; user + system, all threads of the daemon)")
+            print(f"| workload | {' | '.join(cpu_names)} |")
+            print("|---" * (len(cpu_names) + 1) + "|")
+            for key, label, _, _ in ROWS:
+                if key in self.cpu:
+                    cells = [f"{statistics.median(self.cpu[key][n]):.2f}" if n in self.cpu[key] else "-"
+                             for n in cpu_names]
+                    print(f"| {label} | {' | '.join(cells)} |")
         if "null" in med["read2"]:
             print(f"null (do-nothing pyfuse3), 1 MiB reads of a 1 GiB file: {med['read2']['null']:.2f} GB/s")
         verdicts: list[tuple[str, bool | None]] = []
@@ -425,6 +459,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--targets", nargs="+",
                    default=["reflinkfs", "reflinkfs-dp", "passthrough_hp", "ext4", "tmpfs", "null"],
                    choices=["reflinkfs", "reflinkfs-dp", "passthrough_hp", "ext4", "tmpfs", "null"])
+    p.add_argument("--only", choices=["meta", "randio", "read2"],
+                   help="only these rows: meta (tar -xf, creates, ls -l, rm -rf), randio, or read2")
     p.add_argument("--variant", action="append", default=[], metavar="LABEL:COMMAND",
                    help="another reflinkfs daemon, started with COMMAND instead of 'python -m reflinkfs.cli'")
     p.add_argument("--reflinkfs-option", action="append", default=[], help="an extra option of every reflinkfs mount")
