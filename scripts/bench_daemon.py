@@ -26,7 +26,11 @@ Targets:
   ext4           a directory on the filesystem that holds everything (ext4 on this machine's disk)
   tmpfs          a tmpfs
   null           scripts/nullfs.py, the do-nothing pyfuse3 filesystem: only for read2, its 1 MiB reads
-                 are the ceiling the second read is measured against
+                 are the ceiling the second read is measured against (it serves every read from the same
+                 cache-hot buffer)
+  null-spread    the same serving offset `off mod size` of a buffer as big as the file, so that its reads
+                 stream from memory as a cache's do (read2 only; shows how much of the gap to null is
+                 memory bandwidth)
 `--variant LABEL:COMMAND` adds a reflinkfs daemon started with COMMAND instead of `python -m
 reflinkfs.cli` (a launcher that patches the code), to compare a change with the tree in the same run.
 
@@ -311,6 +315,7 @@ class Bench:
             "ext4": lambda: DirTarget(wd, "ext4"),
             "tmpfs": lambda: TmpfsTarget(wd, 2 * a.big_mib * MiB + 1024 * MiB),
             "null": lambda: NullTarget(wd),
+            "null-spread": lambda: NullTarget(wd, "null-spread", ["--spread-mib", str(a.big_mib)]),
         }
         names = list(a.targets)
         if "reflinkfs-dp" in names and not has_passthrough_option():
@@ -416,6 +421,9 @@ class Bench:
                     print(f"| {label} | {' | '.join(cells)} |")
         if "null" in med["read2"]:
             print(f"null (do-nothing pyfuse3), 1 MiB reads of a 1 GiB file: {med['read2']['null']:.2f} GB/s")
+        if "null-spread" in med["read2"]:
+            print(f"null-spread (the same, each read from its own offset of a buffer as big as the file, as a "
+                  f"cache's reads are): {med['read2']['null-spread']:.2f} GB/s")
         verdicts: list[tuple[str, bool | None]] = []
         subject = "reflinkfs-dp" if "reflinkfs-dp" in names else "reflinkfs"
         others = [t.name for t in self.targets if isinstance(t, ReflinkTarget) and t.name != subject]
@@ -457,8 +465,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--big-mib", type=int, default=None, help="size of the read2 file (default 1024)")
     p.add_argument("--stdlib", default=STDLIB, help=f"the tree that is tarred (default {STDLIB})")
     p.add_argument("--targets", nargs="+",
-                   default=["reflinkfs", "reflinkfs-dp", "passthrough_hp", "ext4", "tmpfs", "null"],
-                   choices=["reflinkfs", "reflinkfs-dp", "passthrough_hp", "ext4", "tmpfs", "null"])
+                   default=["reflinkfs", "reflinkfs-dp", "passthrough_hp", "ext4", "tmpfs", "null", "null-spread"],
+                   choices=["reflinkfs", "reflinkfs-dp", "passthrough_hp", "ext4", "tmpfs", "null", "null-spread"])
     p.add_argument("--only", choices=["meta", "randio", "read2"],
                    help="only these rows: meta (tar -xf, creates, ls -l, rm -rf), randio, or read2")
     p.add_argument("--variant", action="append", default=[], metavar="LABEL:COMMAND",
