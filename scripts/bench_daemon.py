@@ -253,7 +253,7 @@ def w_randio(randio: str, t: Target, rep: int, mode: str, count: int) -> tuple[f
     return float(out[0]), float(out[1])
 
 
-def w_read2(t: Target, rep: int, size: int) -> float:
+def w_read2(t: Target, rep: int, size: int, after=None) -> float:
     name = t.path(f"big.{rep}")
     if isinstance(t, NullTarget):          # its writes are discarded: only the size and the reads count
         run(["truncate", "-s", str(size), name])
@@ -261,6 +261,8 @@ def w_read2(t: Target, rep: int, size: int) -> float:
         run(["dd", "if=/dev/zero", f"of={name}", "bs=1M", f"count={size // MiB}", "status=none"])
     run(["dd", f"if={name}", "of=/dev/null", "bs=1M", "status=none"])
     dt = timed(["dd", f"if={name}", "of=/dev/null", "bs=1M", "status=none"])
+    if after is not None:
+        after()                          # while the file, and what the cache holds of it, is still there
     os.unlink(name)
     return size / dt / 1e9
 
@@ -374,11 +376,12 @@ class Bench:
                 run(["dd", "if=/dev/urandom", f"of={t.path('rand')}", "bs=1M", f"count={a.rand_mib}",
                      "status=none"])
             for t in self.rotation(self.targets, rep) if a.only in (None, "read2") else []:
-                self.rec("read2", t, w_read2(t, rep, a.big_mib * MiB))
-                if isinstance(t, ReflinkTarget):
+                def note(t=t):
                     self.notes[f"{t.name}_cache_after_read2"] = {
                         k: v for k, v in t.status()["cache"].items()
                         if k in ("budget_bytes", "resident_bytes", "budget_source", "last_shrink")}
+                self.rec("read2", t, w_read2(t, rep, a.big_mib * MiB,
+                                             note if isinstance(t, ReflinkTarget) else None))
 
     def teardown(self) -> None:
         for t in reversed(self.targets):

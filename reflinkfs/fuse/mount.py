@@ -161,14 +161,16 @@ async def _memory_loop(cache, watch, interval: float | None = None) -> None:
             log.error("cannot read the machine's memory (%s): the cache budget stays at %d bytes",
                       e, cache.budget_bytes)
             return
+        old = cache.budget_bytes
         size, reason = watch.decide(mem, cache.held_bytes)
-        if size != cache.budget_bytes:
-            freed = cache.resize(size, reason)
-            if reason is not None:
-                log.info("cache budget %d -> %d MiB (%d MiB evicted): %s", cache.last_shrink["from_bytes"] >> 20,
-                         size >> 20, freed >> 20, reason)
-            if freed:
-                await trio.to_thread.run_sync(budget.give_back_freed)
+        if size == old:
+            continue
+        freed = cache.resize(size, reason)
+        if cache.budget_bytes < old:
+            log.info("cache budget %d -> %d MiB (%d MiB evicted): %s", old >> 20, cache.budget_bytes >> 20,
+                     freed >> 20, reason)
+        if freed:
+            await trio.to_thread.run_sync(budget.give_back_freed)
 
 
 async def _signals(nursery) -> None:
