@@ -1,12 +1,13 @@
 # `make setup` is idempotent: it installs what reflinkfs needs on a fresh Debian 12 machine (as root).
-#  1. Debian packages: fuse3 (fusermount3), libxxhash-dev, the tools that build libfuse, and acl and
-#     sqlite3 (the tests drive setfacl, getfacl and sqlite3 on a mount);
+#  1. Debian packages: fuse3 (fusermount3), libxxhash-dev, the tools that build libfuse, acl and
+#     sqlite3 (the tests drive setfacl, getfacl and sqlite3 on a mount), and g++ (scripts/bench_daemon.py
+#     builds libfuse's C++ example passthrough_hp, for measurement only);
 #  2. libfuse 3.17 from Debian's fuse3 source package, into build/libfuse/prefix (scripts/build-libfuse.sh;
 #     the system's libfuse 3.14 stays): FUSE passthrough and shared mmap of direct_io files need >= 3.17;
 #  3. .venv with pyfuse3 $(PYFUSE3) compiled against that libfuse, then reflinkfs with its test extras.
 VENV    ?= .venv
 PY      := $(VENV)/bin/python
-DEB     := fuse3 libxxhash-dev pkg-config gcc meson ninja-build dpkg-dev debian-archive-keyring acl sqlite3
+DEB     := fuse3 libxxhash-dev pkg-config gcc g++ meson ninja-build dpkg-dev debian-archive-keyring acl sqlite3
 PYFUSE3 := 3.5.0
 LIBFUSE := $(CURDIR)/build/libfuse/prefix
 export PKG_CONFIG_PATH := $(LIBFUSE)/lib/pkgconfig
@@ -15,7 +16,7 @@ DEBS    := build/.debs
 LIBFUSE_STAMP := $(LIBFUSE)/.built
 PYFUSE3_STAMP := $(VENV)/.pyfuse3-$(PYFUSE3)
 
-.PHONY: setup test lint demo bench clean install uninstall
+.PHONY: setup test lint demo bench bench-daemon clean install uninstall
 
 setup: $(STAMP)
 
@@ -61,6 +62,10 @@ demo: setup
 
 bench: setup
 	$(PY) scripts/bench.py
+
+# the daemon path against libfuse's passthrough_hp, ext4 and tmpfs (issue 18's table); QUICK=1: a few minutes
+bench-daemon: setup
+	$(PY) scripts/bench_daemon.py $(if $(QUICK),--quick)
 
 # Optional: `mount -t fuse.reflinkfs` and fstab lines. mount(8) looks for its helper in /sbin only; this
 # writes /sbin/mount.fuse.reflinkfs, a two-line wrapper that runs this checkout's .venv (`make uninstall`

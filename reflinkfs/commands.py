@@ -33,7 +33,8 @@ def add_parsers(sub) -> None:
     s.add_argument("--cache", choices=["shared", "inode", "none"], default="shared",
                    help="shared: one cache keyed by physical extent (default); inode: a plain per-inode cache; "
                         "none: no cache")
-    s.add_argument("--cache-size", type=parse_size, default=256 << 20, help="cache budget in bytes (default 256M)")
+    s.add_argument("--cache-size", type=parse_size, default=None,
+                   help="fix the cache budget, in bytes (default: a quarter of RAM, lowered under memory pressure)")
     s.add_argument("--kernel-cache", action="store_true",
                    help="let the kernel cache mount files too (for comparison; costs one copy per inode)")
     s.add_argument("--commit-interval", type=float, default=5.0, help="seconds between metadata commits")
@@ -132,6 +133,12 @@ def cmd_status(args) -> int:
     c = st["cache"]
     print(f"cache: {c['mode']}" + (f" ({c['policy']}, budget {c['budget_bytes']} bytes, unit {c['unit_bytes']})"
                                    if "policy" in c else ""))
+    if "budget_source" in c:
+        print(f"  budget: {c['budget_bytes']} bytes, {c['budget_source']}; held: {c['resident_bytes']} bytes")
+        s = c.get("last_shrink")
+        print("  last shrink: " + ("never" if not s else
+              f"{time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(s['at']))}, {s['from_bytes']} -> "
+              f"{s['to_bytes']} bytes ({s['freed_bytes']} evicted): {s['reason']}"))
     for k in ("hits", "misses", "evictions", "readahead_loads", "resident_bytes", "distinct_physical_bytes",
               "bytes_served"):
         if k in c:

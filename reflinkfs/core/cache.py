@@ -27,6 +27,10 @@ Eviction (`policy`, by name):
 Eviction work is bounded: each unit inserted evicts at most the units needed to fit it (one or two
 units of the same size), and the ghost list is capped.
 
+Budget: fixed (`--cache-size`), or chosen by the mount from the machine's memory and lowered under memory
+pressure (core/budget.py). `resize()` sets it and evicts at once what no longer fits, probation first;
+the last shrink (when, from, to, why) is in `stats()`. Only the loop's thread calls it, as every method.
+
 Readahead: a read that continues where the previous read of the same file ended, and has to go to the
 data file, loads up to `readahead` bytes beyond it in the same data-file request (`inode` mode: unit by
 unit). A read served from the cache reads nothing ahead, so a sequential reader costs one data-file
@@ -45,6 +49,7 @@ import errno
 import operator
 import queue
 import threading
+import time
 from collections import OrderedDict
 
 from ..errors import FsError
@@ -200,8 +205,21 @@ class Policy:
         self.probation.pop(key, None)
         self.protected.pop(key, None)
 
+    def resize(self, budget_units: int) -> list:
+        """A new budget; return the keys to evict to fit it (probation first, the oldest first)."""
+        self.budget = max(1, budget_units)
+        self.max_probation = max(1, self.budget // 4)
+        self.max_ghosts = self.budget
+        while len(self.ghosts) > self.max_ghosts:
+            self.ghosts.popitem(last=False)
+        victims: list = []
+        while len(self) > self.budget:
+            queue_ = self.probation if self.probation else self.protected
+            victims.append(queue_.popitem(last=False)[0])
+        return victims
 
-class _CacheBase(UncachedIO):
+
+class CacheBase(UncachedIO):
     """What the two caches share: storage of units, the policy, statistics."""
 
     def __init__(self, data, space, lookup, budget: int, policy: str = "2q", readahead: int = 1 << 20):
@@ -214,6 +232,18 @@ class _CacheBase(UncachedIO):
         self.misses = 0
         self.evictions = 0
         self.readahead_loads = 0
+        self.budget_source = "fixed"             # how the budget was chosen (the mount says)
+        self.shrinks = 0
+        self.last_shrink: dict | None = None     # when and why the budget last went down
+
+    @property
+    def held_bytes(self) -> int:
+        """Bytes of units in the cache now."""
+        return len(self.entries) * UNIT
+
+    @property
+    def budget_bytes(self) -> int:
+        return self.policy.budget * UNIT
 
     def _get(self, key, counted: bool = True):
         e = self.entries.get(key)
@@ -236,6 +266,24 @@ class _CacheBase(UncachedIO):
         if self.entries.pop(key, None) is not None:
             self.policy.remove(key)
             self._unindexed(key)
+
+    def resize(self, budget: int, reason: str | None = None) -> int:
+        """Set the budget to `budget` bytes, evicting what no longer fits; return the bytes evicted. A
+        smaller budget is recorded as the last shrink, with `reason`."""
+        old = self.policy.budget * UNIT
+        victims = self.policy.resize(budget // UNIT)
+        new = self.policy.budget * UNIT
+        freed = 0
+        for key in victims:
+            if self.entries.pop(key, None) is not None:
+                self.evictions += 1
+                self._unindexed(key)
+                freed += UNIT
+        if new < old:
+            self.shrinks += 1
+            self.last_shrink = {"at": time.time(), "from_bytes": old, "to_bytes": new, "freed_bytes": freed,
+                                "reason": reason or "resized"}
+        return freed
 
     def _read(self, ino: int, lstart: int, lend: int, ahead: int) -> list:
         raise NotImplementedError      # each cache reads through its own keys
@@ -264,14 +312,16 @@ class _CacheBase(UncachedIO):
 
     def stats(self) -> dict:
         return {"mode": self.name, "policy": self.policy.name, "unit_bytes": UNIT,
-                "budget_bytes": self.policy.budget * UNIT, "hits": self.hits, "misses": self.misses,
+                "budget_bytes": self.policy.budget * UNIT, "budget_source": self.budget_source,
+                "shrinks": self.shrinks, "last_shrink": self.last_shrink,
+                "hits": self.hits, "misses": self.misses,
                 "evictions": self.evictions, "readahead_loads": self.readahead_loads,
                 "entries": len(self.entries), "resident_bytes": len(self.entries) * UNIT,
                 "distinct_physical_bytes": self.distinct_physical_bytes(),
                 "bytes_served": self.bytes_served}
 
 
-class SharedCache(_CacheBase):
+class SharedCache(CacheBase):
     """Keyed by physical unit number: every file mapping a physical range gets the same buffer."""
     name = "shared"
     MAX_INFLIGHT_WINDOWS = 4          # units on their way, at most, in readahead windows
@@ -494,7 +544,7 @@ class SharedCache(_CacheBase):
         return len(self.entries) * UNIT
 
 
-class InodeCache(_CacheBase):
+class InodeCache(CacheBase):
     """Keyed by (inode, logical unit): what a per-inode page cache does. Shared data is cached per file."""
     name = "inode"
 

@@ -63,7 +63,7 @@ XATTR_CREATE = 1
 XATTR_REPLACE = 2
 
 
-@dataclass
+@dataclass(slots=True)
 class Attr:
     ino: int
     mode: int
@@ -190,6 +190,10 @@ class Volume:
         self._lookups: collections.Counter[int] = collections.Counter()  # ino -> the kernel's lookup count
         # under FUSE (same rule)
         self._tmpfiles: set[int] = set()       # O_TMPFILE inodes not linked yet: the one link may give nlink 0 → 1
+        # Inodes that may have nlink 0 while an open handle or the kernel still refers to them: only these
+        # are looked at when a release or forget lets go of an inode (a hint: one whose removal was rolled
+        # back is found to have a link again, and dropped from here)
+        self._unlinked: set[int] = set()
         self.last_commit = time.monotonic()
         self.commits = 0
         # COMMIT only writes the WAL; sync_meta() makes it durable (and checkpoints, on its own connection)
@@ -516,14 +520,16 @@ class Volume:
         self._inode_rows += 1
         for xname, value in inherited:
             self.db.execute("INSERT INTO xattrs(ino, name, value) VALUES (?, ?, ?)", (ino, xname, value))
+        new = Attr(ino, mode, nlink, uid, gid, rdev, size, 0, now, now, now)    # the row just inserted
         if name is None:
             self._tmpfiles.add(ino)
-            return self._row(ino)
+            self._unlinked.add(ino)
+            return new
         self.db.execute("INSERT INTO dirents(parent, name, ino) VALUES (?, ?, ?)", (parent, name, ino))
         if is_dir:
             self.db.execute("UPDATE inodes SET nlink=nlink+1 WHERE ino=?", (parent,))
         self._touch(parent)
-        return self._row(ino)
+        return new
 
     def mknod(self, parent: int, name: bytes, mode: int, uid: int, gid: int, rdev: int = 0,
               umask: int = 0) -> Attr:
@@ -582,6 +588,7 @@ class Volume:
             self._touch(new_parent)
             linked = self._row(ino)
             self._tmpfiles.discard(ino)     # the last step: nothing after it can roll the link back
+            self._unlinked.discard(ino)
             return linked
 
     def unlink(self, parent: int, name: bytes) -> None:
@@ -621,11 +628,15 @@ class Volume:
         self.db.execute("UPDATE inodes SET nlink=?, ctime_ns=? WHERE ino=?", (left, now, ino))
         self.db.execute("UPDATE inodes SET nlink=nlink-?, mtime_ns=?, ctime_ns=? WHERE ino=?",
                         (int(is_dir), now, now, parent))
-        if left <= 0 and self._open[ino] <= 0 and self._lookups[ino] <= 0:
-            self._free_inode(ino)
+        if left <= 0:
+            if self._open.get(ino, 0) <= 0 and self._lookups.get(ino, 0) <= 0:
+                self._free_inode(ino)
+            else:
+                self._unlinked.add(ino)
 
     def _free_inode(self, ino: int) -> None:
         self._tmpfiles.discard(ino)
+        self._unlinked.discard(ino)
         self.space.abandon(self.db.execute("SELECT own_seg FROM inodes WHERE ino=?", (ino,)).fetchone()[0])
         self._release(ext.unmap(self.db, ino, 0, END))
         self.io.drop_inode(ino, 0, None)
@@ -658,23 +669,29 @@ class Volume:
         self._lookups[ino] += 1
 
     def forget(self, ino: int, nlookup: int) -> None:
-        self._lookups[ino] -= nlookup
-        if self._lookups[ino] <= 0:
-            del self._lookups[ino]
-            self._free_if_unreferenced(ino)
+        left = self._lookups.get(ino, 0) - nlookup
+        if left > 0:
+            self._lookups[ino] = left
+            return
+        self._lookups.pop(ino, None)
+        self._free_if_unreferenced(ino)
 
     def _free_if_unreferenced(self, ino: int) -> None:
-        if self._open[ino] > 0 or self._lookups[ino] > 0:
+        if ino not in self._unlinked or self._open.get(ino, 0) > 0 or self._lookups.get(ino, 0) > 0:
             return
         row = self.db.execute("SELECT nlink FROM inodes WHERE ino=?", (ino,)).fetchone()
         if row is not None and row[0] == 0:
             with self._op():
                 self._free_inode(ino)
+        else:
+            self._unlinked.discard(ino)         # its removal was rolled back
 
     def unlinked_unforgotten(self) -> int:
         """Inodes already unlinked that only the kernel's lookup count keeps (their forget is on its way)."""
+        if not self._unlinked:
+            return 0
         return sum(1 for (ino,) in self.db.execute("SELECT ino FROM inodes WHERE nlink=0")
-                   if self._lookups[ino] > 0 and self._open[ino] == 0)
+                   if self._lookups.get(ino, 0) > 0 and self._open.get(ino, 0) == 0)
 
     def _is_ancestor(self, anc: int, ino: int) -> bool:
         while ino != ROOT_INO:
@@ -827,11 +844,15 @@ class Volume:
         return True
 
     def getxattr(self, ino: int, name: bytes) -> bytes:
-        self._row(ino)
-        row = self.db.execute("SELECT value FROM xattrs WHERE ino=? AND name=?", (ino, name)).fetchone()
+        # one statement: the inode, and its attribute if it has it (most asked for are absent: ls -l asks
+        # every file for its ACL, the kernel asks for security.capability before writes)
+        row = self.db.execute("SELECT i.ino, x.value FROM inodes i LEFT JOIN xattrs x ON x.ino = i.ino AND x.name = ? "
+                              "WHERE i.ino = ?", (name, ino)).fetchone()
         if row is None:
+            raise FsError(errno.ENOENT, f"no inode {ino}")
+        if row[1] is None:
             raise FsError(errno.ENODATA)
-        return row[0]
+        return row[1]
 
     def setxattr(self, ino: int, name: bytes, value: bytes, flags: int = 0) -> None:
         if not name or len(name) > 255:

@@ -100,6 +100,9 @@ class Operations:
         # token -> a tree clone's outcome, or while it runs a function reporting its progress
         self._tree_clones: dict[bytes, dict | Callable[[], dict]] = {}
         self._tree_active: TreeProgress | None = None   # the running tree clone's progress
+        # looked_up(ino): an entry a READDIRPLUS reply carried, which the kernel counts as a lookup; the
+        # request layer calls it once per entry, so it is the volume's own method, not a wrapper of it
+        self.looked_up: Callable[[int], None] = volume.looked_up
 
     # -- the layer's hooks ---------------------------------------------------------------------
     @staticmethod
@@ -132,10 +135,6 @@ class Operations:
                 raise
         else:
             request.reply(value)
-
-    def looked_up(self, ino: int) -> None:
-        """An entry a READDIRPLUS reply carried: the kernel counts it as a lookup."""
-        self.vol.looked_up(ino)
 
     # -- namespace -----------------------------------------------------------------------------
     def _entry(self, a: Attr) -> tuple:

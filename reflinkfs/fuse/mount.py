@@ -36,7 +36,7 @@ class MountOptions:
     debug: bool = False
     fuse_options: list[str] = field(default_factory=list)
     cache: str = "shared"            # shared | inode | none
-    cache_size: int = 256 << 20
+    cache_size: int | None = None    # bytes; None: chosen from the machine's memory, lowered under pressure
     kernel_cache: bool = False
     commit_interval: float = 5.0
     lock_fd: int | None = None       # the store's lock, when the mount command took it (the volume owns it)
@@ -61,7 +61,7 @@ def run(opts: MountOptions, ready=None) -> int:
     import pyfuse3
     import trio
 
-    from ..core.cache import make_io
+    from ..core.cache import CacheBase, make_io
     from ..core.volume import Volume
     from .adapter import ATTR_TIMEOUT, ENTRY_TIMEOUT, Operations
 
@@ -69,10 +69,15 @@ def run(opts: MountOptions, ready=None) -> int:
     small = os.environ.get("REFLINKFS_SMALL_FILE_BYTES")     # for tests and benchmarks: see Volume._place
     if small is not None and not small.isdigit():
         raise StoreError(f"REFLINKFS_SMALL_FILE_BYTES={small!r}: give a number of bytes")
-    volume = Volume.open(opts.store, io_factory=make_io(opts.cache, opts.cache_size), lock_fd=opts.lock_fd)
+    cache_size, source, watch = _cache_budget(opts)
+    volume = Volume.open(opts.store, io_factory=make_io(opts.cache, cache_size), lock_fd=opts.lock_fd)
     if small is not None:
         volume.small_file_bytes = int(small)
     try:
+        if isinstance(volume.io, CacheBase):
+            volume.io.budget_source = source
+        else:
+            watch = None                  # no cache: nothing to size
         ops = Operations(volume, acl_enabled=lambda: bool((extops.negotiated() or {}).get("posix_acl")),
                          invalidate=lambda ino: pyfuse3.invalidate_inode(ino, False),
                          status=lambda: {"extops": extops.counts(), "negotiated": extops.negotiated(),
@@ -96,6 +101,8 @@ def run(opts: MountOptions, ready=None) -> int:
                 async with trio.open_nursery() as nursery:
                     ops.nursery = nursery
                     nursery.start_soon(_commit_loop, ops, opts.commit_interval)
+                    if watch is not None:
+                        nursery.start_soon(_memory_loop, volume.io, watch)
                     nursery.start_soon(_signals, nursery)
                     await pyfuse3.main()
                     nursery.cancel_scope.cancel()
@@ -133,6 +140,42 @@ async def _commit_loop(ops, interval: float) -> None:
                 await ops.commit()
             except FsError as e:      # e.g. the backing disk failed a sync: keep serving, try again later
                 log.error("periodic commit failed: %s", e.message)
+
+
+def _cache_budget(opts: MountOptions):
+    """(budget bytes, how it was chosen, the Watch that adjusts it or None) for the mount's cache."""
+    from ..core import budget
+    if opts.cache_size is not None:
+        return opts.cache_size, "fixed (--cache-size)", None
+    mem = budget.read_memory()
+    size = budget.default_budget(mem)
+    return size, f"auto: a quarter of {mem.total >> 20} MiB, lowered under memory pressure", budget.Watch(size)
+
+
+async def _memory_loop(cache, watch, interval: float | None = None) -> None:
+    """Once an interval: read the machine's memory (in a thread) and give the cache the budget the Watch
+    decides; what a shrink evicts is handed back to the kernel (malloc_trim, in a thread)."""
+    import trio
+    from ..core import budget
+    interval = budget.INTERVAL if interval is None else interval
+    while True:
+        await trio.sleep(interval)
+        try:
+            mem = await trio.to_thread.run_sync(budget.read_memory)
+        except (OSError, KeyError, ValueError) as e:
+            log.error("cannot read the machine's memory (%s): the cache budget stays at %d bytes",
+                      e, cache.budget_bytes)
+            return
+        old = cache.budget_bytes
+        size, reason = watch.decide(mem, cache.held_bytes)
+        if size == old:
+            continue
+        freed = cache.resize(size, reason)
+        if cache.budget_bytes < old:
+            log.info("cache budget %d -> %d MiB (%d MiB evicted): %s", old >> 20, cache.budget_bytes >> 20,
+                     freed >> 20, reason)
+        if freed:
+            await trio.to_thread.run_sync(budget.give_back_freed)
 
 
 async def _signals(nursery) -> None:

@@ -20,6 +20,7 @@ def test_status_json_is_complete(fs):
     assert st["mountpoint"] == os.path.realpath(fs.mnt) and st["store"] == os.path.realpath(fs.store)
     assert [st["pid"]] == lock_holders(fs.store)
     assert st["commit_interval_s"] == 7.0 and st["cache"]["budget_bytes"] == 32 << 20
+    assert st["cache"]["budget_source"] == "fixed (--cache-size)" and st["cache"]["last_shrink"] is None
     assert "fsname=reflinkfs:" + os.path.realpath(fs.store) in st["fuse_options"]
     assert st["uptime_s"] > 0
     for key in ("cache", "data_file", "usage", "commits", "extops", "negotiated", "open_handles"):
