@@ -357,6 +357,13 @@ class DataFile:
                     self._cover.add(qb, qb + len(d) // BLOCK_SIZE)
         return found
 
+    def queued_in(self, seg: int) -> bool:
+        """Whether writes to segment seg are still queued, not yet in its file (where a reader of the file
+        itself, not through read(), would miss them)."""
+        base = seg_base(seg)
+        with self._cond:
+            return bool(self._queued(base, base + SEG_BLOCKS))
+
     def write(self, pblock: int, data) -> None:
         """Queue whole blocks for writing at pblock (`data` length a multiple of BLOCK_SIZE). The caller
         must not change `data` afterwards. Errors surface at sync() or wait_for()."""
