@@ -102,7 +102,8 @@ def _options(args, lock_fd: int):
     from .fuse.mount import MountOptions
     return MountOptions(store=args.store, mountpoint=os.path.abspath(args.mountpoint), debug=args.debug,
                         fuse_options=args.fuse_options, cache=args.cache, cache_size=args.cache_size,
-                        kernel_cache=args.kernel_cache, commit_interval=args.commit_interval, lock_fd=lock_fd)
+                        kernel_cache=args.kernel_cache, commit_interval=args.commit_interval, lock_fd=lock_fd,
+                        passthrough=args.passthrough)
 
 
 def cmd_mount(args) -> int:
