@@ -201,3 +201,14 @@ def test_the_view_of_the_segments_is_read_only_and_in_no_mount_table(fs, store):
             assert os.path.join(store, schema.SEGS_NAME) not in f.read()
     finally:
         os.close(fd)
+
+
+def test_why_passthrough_is_not_asked_for():
+    from reflinkfs.fuse.mount import MountOptions, passthrough_refused
+    opts = MountOptions(store="s", mountpoint="m")
+    assert passthrough_refused(opts, cap_sys_admin=True) == ""
+    assert passthrough_refused(opts, cap_sys_admin=False).startswith("not root")
+    opts.passthrough = "off"
+    assert "--passthrough off" in passthrough_refused(opts, cap_sys_admin=True)
+    opts.passthrough, opts.kernel_cache = "auto", True
+    assert "--kernel-cache" in passthrough_refused(opts, cap_sys_admin=True)
