@@ -116,6 +116,12 @@ def cmd_mount(args) -> int:
     except BaseException:
         os.close(lock_fd)
         raise
+    if args.passthrough == "auto":
+        from .fuse.passthrough import has_cap_sys_admin, precheck
+        why = precheck(has_cap_sys_admin(), os.uname().release)
+        if why:    # said once, here; the daemon's log says it too, with what INIT tells
+            print(f"reflinkfs mount: passthrough unavailable: {why}; every file is served through the daemon",
+                  file=sys.stderr)
     return _mount(args, _options(args, lock_fd))
 
 

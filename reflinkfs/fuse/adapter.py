@@ -510,7 +510,12 @@ class Operations:
             return self._open_when_written(ino, flags, pid)
         if not backing_id:
             return self._new_handle(ino, flags, pid)
-        return self._new_handle(ino, flags, pid, seg), backing_id
+        assert seg is not None
+        try:
+            return self._new_handle(ino, flags, pid, seg), backing_id
+        except BaseException:
+            self.pt.unused(seg)                 # a registration made for this open alone is closed again
+            raise
 
     async def _open_when_written(self, ino: int, flags: int, pid: int):
         """The file is whole but writes of it are still queued: once they are in the segment's file, decide

@@ -114,13 +114,12 @@ def run(opts: MountOptions, ready=None) -> int:
 
 def passthrough_refused(opts: MountOptions, cap_sys_admin: bool) -> str:
     """Why passthrough is not even asked of the kernel ('' when it is): what the kernel says comes at INIT."""
+    from .passthrough import precheck
     if opts.passthrough == "off":
         return "turned off (--passthrough off)"
     if opts.kernel_cache:
         return "not with --kernel-cache (the kernel would cache files per inode besides)"
-    if not cap_sys_admin:
-        return "not root: the daemon lacks CAP_SYS_ADMIN, which the kernel asks of backing files"
-    return ""
+    return precheck(cap_sys_admin, os.uname().release)
 
 
 @contextlib.contextmanager

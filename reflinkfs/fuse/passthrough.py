@@ -75,6 +75,20 @@ R_BACKING = "backing file refused"
 CAP_SYS_ADMIN = 21
 
 
+def precheck(cap_sys_admin: bool, kernel_release: str) -> str:
+    """Why passthrough cannot work here, as far as can be told before mounting ('' if it may): the daemon
+    says the rest once INIT has told (the kernel's configuration, libfuse's version)."""
+    if not cap_sys_admin:
+        return "not root: the daemon lacks CAP_SYS_ADMIN, which the kernel asks of backing files"
+    try:
+        version = tuple(int(x) for x in kernel_release.split("-")[0].split(".")[:2])
+    except ValueError:
+        return ""
+    if version < (6, 9):
+        return f"the kernel ({kernel_release}) is too old: FUSE passthrough needs Linux >= 6.9"
+    return ""
+
+
 def has_cap_sys_admin() -> bool:
     """Whether this process has CAP_SYS_ADMIN in its effective set (the kernel asks it of backing files)."""
     try:

@@ -212,3 +212,10 @@ def test_why_passthrough_is_not_asked_for():
     assert "--passthrough off" in passthrough_refused(opts, cap_sys_admin=True)
     opts.passthrough, opts.kernel_cache = "auto", True
     assert "--kernel-cache" in passthrough_refused(opts, cap_sys_admin=True)
+
+
+def test_what_can_be_told_before_mounting():
+    from reflinkfs.fuse.passthrough import precheck
+    assert precheck(True, "6.18.44-fc") == "" and precheck(True, "weird") == ""
+    assert precheck(False, "6.18.44").startswith("not root")
+    assert "too old" in precheck(True, "6.1.0-18-amd64")
