@@ -27,7 +27,10 @@ also costs the writer less CPU than letting dirty pages pile up. Otherwise their
 steps: every DROP_EVERY bytes written, at every sync, and before a read of blocks written since,
 POSIX_FADV_DONTNEED starts their writeback (and drops what is already clean); the read of such
 "settling" blocks uses O_DIRECT, which waits for their writeback, and then drops them. The last two
-steps stay with RWF_DONTCACHE too (they cost little, and then find little to do).
+steps stay with RWF_DONTCACHE too (they cost little, and then find little to do). Of segment 0 the drops
+cover the whole file; of other segments only the blocks written: the rest of a segment's page cache is
+the kernel's one copy of the whole files it reads from that segment itself (FUSE passthrough), which a
+drop would make every clone read from the disk again.
 
 The last block written is remembered (`last_block`): a write that ends inside a block is very often
 followed by one that starts in that block (the kernel splits a direct_io write wherever the caller's
@@ -503,15 +506,23 @@ class DataFile:
                 self._cond.wait()
 
     def _drop_pages(self) -> None:
-        with self._seg_lock:
-            others = list(self._segs.values())
-            for h in others:
-                h.pins += 1
-        try:
-            for h in [self._seg0] + others:
-                os.posix_fadvise(h.fd, 0, 0, os.POSIX_FADV_DONTNEED)
-        finally:
-            for h in others:
+        """Let go of the pages that writes put in the page cache: all of segment 0's, and of the other
+        segments the blocks written since the last drop, never the rest: the page cache of a segment that
+        holds whole files is the kernel's one copy of them when it reads them itself (FUSE passthrough)."""
+        with self._cond:
+            written = list(self._recent)
+        os.posix_fadvise(self._seg0.fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        by_seg: dict[int, list[tuple[int, int]]] = {}
+        for start, end in written:
+            seg = start >> SEG_SHIFT
+            if seg:                            # runs never cross a segment boundary
+                by_seg.setdefault(seg, []).append((start, end))
+        for seg, ranges in by_seg.items():
+            h = self._pin(seg, create=False)
+            try:
+                for start, end in ranges if h is not None else ():
+                    os.posix_fadvise(h.fd, locate(start)[1], (end - start) * BLOCK_SIZE, os.POSIX_FADV_DONTNEED)
+            finally:
                 self._unpin(h)
         with self._cond:
             self._since_drop = 0
@@ -612,11 +623,8 @@ def punch_hole(fd: int, pos: int, nbytes: int) -> bool:
 
 
 def _close_seg(h: _Seg) -> None:
-    """Close an unpinned segment's descriptors, letting its pages go first. Under _seg_lock."""
-    try:
-        os.posix_fadvise(h.fd, 0, 0, os.POSIX_FADV_DONTNEED)
-    except OSError:
-        pass
+    """Close an unpinned segment's descriptors. Under _seg_lock. Its pages stay: those that writes put there
+    are let go by the next _drop_pages (which opens it again), the others may be the kernel's (passthrough)."""
     for fd in (h.fd, h.dfd):
         if fd >= 0:
             os.close(fd)

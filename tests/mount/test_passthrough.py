@@ -21,9 +21,14 @@ import textwrap
 
 import pytest
 
+from pathlib import Path
+
 from _layout import place
 from mountutil import assert_fsck_clean, is_mounted, run_cli, wait_for
 from reflinkfs.core.volume import Volume
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "scripts"))
+import _memlib  # noqa: E402
 
 BS = 4096
 DATA = random.Random(11).randbytes(64 * BS + 321)
@@ -273,3 +278,22 @@ def test_passthrough_off_keeps_every_file_on_the_daemon_path(mounts):
     assert reads(m) > before
     assert "passthrough: off (turned off" in run_cli("status", m.mnt).stdout
     assert status(m)["negotiated"]["passthrough"] is False
+
+
+def test_the_segments_page_cache_outlives_the_daemons_commits(m):
+    """The kernel's copy of a whole file is its segment's page cache: the daemon's page-cache drops after a
+    commit (of other files' writes) must leave it, or every reader goes back to the disk."""
+    seg = Path(m.store) / "segs" / "1"
+    with open(m.path("a"), "rb") as f:
+        assert f.read() == DATA
+    cached = _memlib.file_page_cache(seg)
+    assert cached >= len(DATA) - BS
+    for i in range(3):                                  # writes elsewhere, then a commit (fsync of the dir)
+        with open(m.path(f"w{i}"), "wb") as f:
+            f.write(os.urandom(4 * BS))
+        d = os.open(m.mnt, os.O_RDONLY | os.O_DIRECTORY)
+        os.fsync(d)
+        os.close(d)
+        with open(m.path("z"), "rb") as f:              # a read on the daemon path
+            assert f.read(BS) == DATA[:BS]
+    assert _memlib.file_page_cache(seg) >= cached
