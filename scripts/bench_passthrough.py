@@ -32,7 +32,6 @@ import argparse
 import contextlib
 import json
 import os
-import random
 import shutil
 import statistics
 import subprocess
@@ -213,7 +212,7 @@ def main(argv: list[str] | None = None) -> int:
     a = p.parse_args(argv)
     work = Path(tempfile.mkdtemp(prefix="reflinkfs-pt-"))
     log(f"work in {work}; making two stores ({a.size // MiB} MiB base, {a.tree_files} stdlib files)")
-    base = random.Random(1).randbytes(a.size)
+    base = os.urandom(a.size)
     with open(a.prog, "rb") as f:
         prog = f.read()
     tree = stdlib_files(a.tree_files)
