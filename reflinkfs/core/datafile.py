@@ -519,8 +519,10 @@ class DataFile:
                 by_seg.setdefault(seg, []).append((start, end))
         for seg, ranges in by_seg.items():
             h = self._pin(seg, create=False)
+            if h is None:
+                continue
             try:
-                for start, end in ranges if h is not None else ():
+                for start, end in ranges:
                     os.posix_fadvise(h.fd, locate(start)[1], (end - start) * BLOCK_SIZE, os.POSIX_FADV_DONTNEED)
             finally:
                 self._unpin(h)
