@@ -38,6 +38,10 @@ def add_parsers(sub) -> None:
     s.add_argument("--kernel-cache", action="store_true",
                    help="let the kernel cache mount files too (for comparison; costs one copy per inode)")
     s.add_argument("--commit-interval", type=float, default=5.0, help="seconds between metadata commits")
+    s.add_argument("--passthrough", choices=["auto", "off"], default="auto",
+                   help="auto: the kernel reads whole files opened read-only straight from the store, with one "
+                        "page cache for all their clones, where it can (root, Linux >= 6.9); off: every file "
+                        "through the daemon")
     s.add_argument("--log", help="daemon log file (default: STORE/log)")
     s.set_defaults(handler=_cmd_mount)
 
@@ -149,6 +153,13 @@ def cmd_status(args) -> int:
           f"RWF_DONTCACHE {'on' if d.get('dontcache') else 'off'}")
     print(f"clones: {st.get('clones', 0)} ({st.get('cloned_bytes', 0)} bytes); copy_file_range handled: "
           f"{'yes' if st.get('copy_file_range_handled') else 'NO'}")
+    p = st.get("passthrough", {})
+    if p.get("active"):
+        refused = ", ".join(f"{k}: {v}" for k, v in sorted(p["refusals"].items())) or "none"
+        print(f"passthrough: on; open now {p['open_now']}, opens {p['opens']}, backing files {p['backing_files']}; "
+              f"daemon path instead: {refused}; writers waited {p['write_waits']}, ETXTBSY {p['busy']}")
+    else:
+        print(f"passthrough: off ({p.get('unavailable') or p.get('mode', 'off')})")
     return 0
 
 

@@ -102,7 +102,8 @@ def _options(args, lock_fd: int):
     from .fuse.mount import MountOptions
     return MountOptions(store=args.store, mountpoint=os.path.abspath(args.mountpoint), debug=args.debug,
                         fuse_options=args.fuse_options, cache=args.cache, cache_size=args.cache_size,
-                        kernel_cache=args.kernel_cache, commit_interval=args.commit_interval, lock_fd=lock_fd)
+                        kernel_cache=args.kernel_cache, commit_interval=args.commit_interval, lock_fd=lock_fd,
+                        passthrough=args.passthrough)
 
 
 def cmd_mount(args) -> int:
@@ -115,6 +116,12 @@ def cmd_mount(args) -> int:
     except BaseException:
         os.close(lock_fd)
         raise
+    if args.passthrough == "auto":
+        from .fuse.passthrough import has_cap_sys_admin, precheck
+        why = precheck(has_cap_sys_admin(), os.uname().release)
+        if why:    # said once, here; the daemon's log says it too, with what INIT tells
+            print(f"reflinkfs mount: passthrough unavailable: {why}; every file is served through the daemon",
+                  file=sys.stderr)
     return _mount(args, _options(args, lock_fd))
 
 

@@ -30,6 +30,7 @@ TABLE = {
     "cache_size": ("--cache-size", True),
     "kernel_cache": ("--kernel-cache", False),
     "commit_interval": ("--commit-interval", True),
+    "passthrough": ("--passthrough", True),
     "nonempty": ("--nonempty", False),
     "debug": ("--debug", False),
     "foreground": ("--foreground", False),

@@ -163,6 +163,11 @@ def mount_status(mnt) -> dict:
     return json.loads(os.getxattr(str(mnt), "user.reflinkfs.status"))
 
 
+def file_info(path) -> dict:
+    """`reflinkfs stat --json` of one file: its extents, segment, and whether it is whole."""
+    return json.loads(os.getxattr(str(path), "user.reflinkfs.extents"))
+
+
 class ReflinkfsMount:
     """`reflinkfs mount STORE MNT ARGS...` (the real, backgrounding command) until `stop()`.
 

@@ -1,7 +1,8 @@
 """The memory report: what reading N reflinked copies of one file costs in memory, per way of serving them.
 
     python scripts/memory_report.py [--small] [--size BYTES] [--copies N] [--cache-size BYTES]
-                                    [--modes shared,inode,kernel-cache,mmap,xfs] [--install-xfs] [--out DIR]
+                                    [--modes shared,inode,kernel-cache,mmap,passthrough,passthrough-mmap,xfs]
+                                    [--install-xfs] [--out DIR]
 
 A base file of random data is written (default 256 MiB; --small: 32 MiB), --copies reflinked copies are
 made with cp (default 8; --small: 4), and the copies are read fully, one after the other. After each copy
@@ -22,6 +23,12 @@ Modes (each on a fresh store and mount; the kernel's caches are dropped between 
   kernel-cache  reflinkfs --cache shared --kernel-cache: the kernel caches each mount file as well
   mmap          reflinkfs --cache shared, but the copies are mapped MAP_PRIVATE and every page touched,
                 by a child process (whose RSS is reported apart: its pages are the page cache counted)
+  passthrough   reflinkfs --passthrough auto: the copies of a whole file, opened read-only, are read by
+                the kernel from their one segment file (its page cache is counted as the store's)
+  passthrough-mmap  the same, mapped and touched as in mmap
+                The modes before these run with --passthrough off, so that they measure the daemon path.
+                Until the store allocates whole files itself (identity allocation), the base file is laid
+                out whole in a segment of its own between two mounts (tests/_layout.py), and a note says so.
   xfs           the kernel's own behaviour: XFS made with `mkfs.xfs -m reflink=1` on a loop device,
                 copies made with `cp --reflink=always`; memory = page cache growth. Needs root, losetup and
                 mkfs.xfs (xfsprogs is installed only with --install-xfs); skipped with the reason otherwise
@@ -58,12 +65,15 @@ sys.path[:0] = [str(HERE), str(HERE.parent)]
 import _memlib as ml  # noqa: E402
 
 MiB = ml.MiB
-ALL_MODES = ["shared", "inode", "kernel-cache", "mmap", "xfs"]
+ALL_MODES = ["shared", "inode", "kernel-cache", "mmap", "passthrough", "passthrough-mmap", "xfs"]
+PASSTHROUGH = ("passthrough", "passthrough-mmap")
 DESCRIPTION = {
     "shared": "reflinkfs, shared cache keyed by physical extent; direct_io mount files, O_DIRECT data file",
     "inode": "reflinkfs, plain cache keyed by (inode, logical offset): what a per-inode page cache does",
     "kernel-cache": "reflinkfs shared cache, mounted --kernel-cache: the kernel also caches each mount file",
     "mmap": "reflinkfs shared cache (direct_io); copies mapped MAP_PRIVATE and touched page by page",
+    "passthrough": "reflinkfs --passthrough auto: the kernel reads the copies from their one segment file",
+    "passthrough-mmap": "reflinkfs --passthrough auto; copies mapped MAP_PRIVATE and touched page by page",
     "xfs": "XFS (mkfs.xfs -m reflink=1) on a loop device, cp --reflink=always: the kernel's own page cache",
 }
 CHUNK = MiB
@@ -199,7 +209,8 @@ def run_reflinkfs(mode: str, args, work: Path) -> dict:
     r = subprocess.run(ml.reflinkfs_cli() + ["mkfs", str(store)], capture_output=True, text=True)
     if r.returncode != 0:
         raise RuntimeError(f"mkfs failed: {r.stderr.strip()}")
-    opts = ["--cache", "inode" if mode == "inode" else "shared", "--cache-size", str(args.cache_size)]
+    opts = ["--cache", "inode" if mode == "inode" else "shared", "--cache-size", str(args.cache_size),
+            "--passthrough", "auto" if mode in PASSTHROUGH else "off"]
     if mode == "kernel-cache":
         opts.append("--kernel-cache")
     m = ml.ReflinkfsMount(store, mnt, opts)
@@ -212,6 +223,11 @@ def run_reflinkfs(mode: str, args, work: Path) -> dict:
         m.start()
         base = mnt / "base"
         digest = write_random(base, args.size)
+        if mode in PASSTHROUGH:
+            lay_out_whole(m, base, notes)
+            pt = ml.mount_status(mnt)["passthrough"]
+            if not pt["active"]:
+                notes.append(f"passthrough unavailable: {pt['unavailable']}")
         copies = cp_copies(base, args.copies, "auto")
         st = ml.mount_status(mnt)
         if st.get("clones", 0) < args.copies:
@@ -219,9 +235,30 @@ def run_reflinkfs(mode: str, args, work: Path) -> dict:
                          "(copy_file_range not handled?): the others hold their own blocks")
         if not st["data_file"].get("direct_io"):
             notes.append("the data file is not O_DIRECT here (its pages are dropped with fadvise)")
-        points = measure_copies(copies, digest, m.pid, [store / "data"], lambda: ml.mount_status(mnt),
-                                mode == "mmap", notes, stack)
+        backing = [store / "data", *sorted((store / "segs").glob("*"))]
+        points = measure_copies(copies, digest, m.pid, backing, lambda: ml.mount_status(mnt),
+                                mode in ("mmap", "passthrough-mmap"), notes, stack)
+        if mode in PASSTHROUGH:
+            pt = ml.mount_status(mnt)["passthrough"]
+            notes.append(f"passthrough opens {pt['opens']}, backing files now {pt['backing_files']}, "
+                         f"daemon path instead: {pt['refusals'] or 'never'}")
     return {"points": points, "notes": notes, "daemon_pid": m.pid}
+
+
+def lay_out_whole(m: "ml.ReflinkfsMount", base: Path, notes: list) -> None:
+    """Make the base file whole (one segment holds exactly its bytes) if the store did not: unmount, lay
+    it out in a segment of its own (tests/_layout.py, what the tests do until the store allocates whole
+    files itself), mount again."""
+    if ml.file_info(base)["whole"]:
+        return
+    ino = os.stat(base).st_ino
+    m.stop()
+    sys.path.insert(0, str(HERE.parent / "tests"))
+    from _layout import place
+    place(m.store, {ino: 1})
+    m.start()
+    notes.append("the base file was laid out whole in segment 1 between two mounts (tests/_layout.py): "
+                 "the store does not allocate whole files itself yet")
 
 
 def _xfs_unavailable(install: bool) -> str | None:
@@ -382,7 +419,7 @@ def plot(report: dict, path: Path) -> str | None:
     cfg = report["config"]
     fig, ax = plt.subplots(figsize=(8, 5))
     style = {"shared": ("-", "o"), "inode": ("-", "s"), "kernel-cache": ("-", "^"), "mmap": ("--", "x"),
-             "xfs": (":", "d")}        # distinct, so that lines lying on each other stay visible
+             "passthrough": ("-", "P"), "passthrough-mmap": ("--", "*"), "xfs": (":", "d")}        # distinct, so that lines lying on each other stay visible
     for mode, res in report["modes"].items():
         if res.get("skipped"):
             continue
@@ -450,8 +487,13 @@ def main(argv: list[str] | None = None) -> int:
     else:
         line = (f"shared: total after {n} copies / after first copy = {r:.3f} (target <= 1.05: "
                 f"{'met' if r <= 1.05 else 'NOT MET'})")
+    for mode in PASSTHROUGH:
+        pr = ratio(report["modes"].get(mode, {}).get("points", []))
+        if pr is not None:
+            line += (f"\n\n{mode}: total after {n} copies / after first copy = {pr:.3f} (target <= 1.05: "
+                     f"{'met' if pr <= 1.05 else 'NOT MET'})")
     report["target"] = {"line": line, "ratio": r, "met": r is not None and r <= 1.05}
-    for mode in ("inode", "kernel-cache", "mmap", "xfs"):
+    for mode in ("inode", "kernel-cache", "mmap", "passthrough", "passthrough-mmap", "xfs"):
         res = report["modes"].get(mode, {})
         if res.get("points"):
             report["target"][f"{mode}_ratio"] = ratio(res["points"])

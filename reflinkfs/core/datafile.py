@@ -27,7 +27,10 @@ also costs the writer less CPU than letting dirty pages pile up. Otherwise their
 steps: every DROP_EVERY bytes written, at every sync, and before a read of blocks written since,
 POSIX_FADV_DONTNEED starts their writeback (and drops what is already clean); the read of such
 "settling" blocks uses O_DIRECT, which waits for their writeback, and then drops them. The last two
-steps stay with RWF_DONTCACHE too (they cost little, and then find little to do).
+steps stay with RWF_DONTCACHE too (they cost little, and then find little to do). Of segment 0 the drops
+cover the whole file; of other segments only the blocks written: the rest of a segment's page cache is
+the kernel's one copy of the whole files it reads from that segment itself (FUSE passthrough), which a
+drop would make every clone read from the disk again.
 
 The last block written is remembered (`last_block`): a write that ends inside a block is very often
 followed by one that starts in that block (the kernel splits a direct_io write wherever the caller's
@@ -167,7 +170,6 @@ class DataFile:
         self._written = 0                  # writes in the file so far (in queue order)
         self._durable = 0                  # writes that a completed sync made durable
         self._recent = IntervalSet()      # blocks written since the last drop: dirty in the page cache
-        self._recent_segs: set[int] = set()   # the segments other than 0 that _recent touches
         self._settling = IntervalSet()    # blocks whose writeback the last drop started
         self._since_drop = 0
         self._dontcache = True             # writes use RWF_DONTCACHE until the kernel refuses it
@@ -404,6 +406,13 @@ class DataFile:
                     self._cover.add(qb, qb + len(d) // BLOCK_SIZE)
         return found
 
+    def queued_in(self, seg: int) -> bool:
+        """Whether writes to segment seg are still queued, not yet in its file (where a reader of the file
+        itself, not through read(), would miss them)."""
+        base = seg_base(seg)
+        with self._cond:
+            return bool(self._queued(base, base + SEG_BLOCKS))
+
     def write(self, pblock: int, data) -> None:
         """Queue whole blocks for writing at pblock (`data` length a multiple of BLOCK_SIZE). The caller
         must not change `data` afterwards. Errors surface at sync() or wait_for()."""
@@ -419,8 +428,6 @@ class DataFile:
             self._backlog += nbytes
             self._cover.add(pblock, end)
             self._recent.add(pblock, end)
-            if pblock >> SEG_SHIFT:
-                self._recent_segs.add(pblock >> SEG_SHIFT)
             self._seq += 1
             self._cond.notify_all()
         self._last = (end - 1, bytes(memoryview(data)[nbytes - BLOCK_SIZE:]))
@@ -550,19 +557,25 @@ class DataFile:
                 self._cond.wait()
 
     def _drop_pages(self) -> None:
-        """Start the writeback of the pages written since the last drop (segment 0 and the open segments
-        written since), and drop the clean ones."""
+        """Let go of the pages that writes put in the page cache: all of segment 0's, and of the other
+        segments the blocks written since the last drop, never the rest: the page cache of a segment that
+        holds whole files is the kernel's one copy of them when it reads them itself (FUSE passthrough)."""
         with self._cond:
-            written, self._recent_segs = self._recent_segs, set()
-        with self._seg_lock:
-            others = [self._segs[seg] for seg in written if seg in self._segs]
-            for h in others:
-                h.pins += 1
-        try:
-            for h in [self._seg0] + others:
-                os.posix_fadvise(h.fd, 0, 0, os.POSIX_FADV_DONTNEED)
-        finally:
-            for h in others:
+            written = list(self._recent)
+        os.posix_fadvise(self._seg0.fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        by_seg: dict[int, list[tuple[int, int]]] = {}
+        for start, end in written:
+            seg = start >> SEG_SHIFT
+            if seg:                            # runs never cross a segment boundary
+                by_seg.setdefault(seg, []).append((start, end))
+        for seg, ranges in by_seg.items():
+            h = self._pin(seg, create=False)
+            if h is None:
+                continue
+            try:
+                for start, end in ranges:
+                    os.posix_fadvise(h.fd, locate(start)[1], (end - start) * BLOCK_SIZE, os.POSIX_FADV_DONTNEED)
+            finally:
                 self._unpin(h)
         with self._cond:
             self._since_drop = 0
@@ -691,11 +704,8 @@ def punch_hole(fd: int, pos: int, nbytes: int) -> bool:
 
 
 def _close_seg(h: _Seg) -> None:
-    """Close an unpinned segment's descriptors, letting its pages go first. Under _seg_lock."""
-    try:
-        os.posix_fadvise(h.fd, 0, 0, os.POSIX_FADV_DONTNEED)
-    except OSError:
-        pass
+    """Close an unpinned segment's descriptors. Under _seg_lock. Its pages stay: those that writes put there
+    are let go by the next _drop_pages (which opens it again), the others may be the kernel's (passthrough)."""
     for fd in (h.fd, h.dfd):
         if fd >= 0:
             os.close(fd)

@@ -51,6 +51,16 @@
  *     deferred request (its task needs the loop), after CHAIN_MAX requests or
  *     CHAIN_MAX_NS, at a timeout, a signal, an error or session exit.
  *
+ * Passthrough (FUSE_CAP_PASSTHROUGH, Linux >= 6.9, libfuse >= 3.17): when
+ * serve() asks for it, INIT asks the kernel for it (never with a writeback
+ * cache, which would switch it off); backing_open(fd) registers a file the
+ * kernel may read itself (FUSE_DEV_IOC_BACKING_OPEN on the session's
+ * /dev/fuse) and backing_close(id) ends a registration.  An open method that
+ * returns (fh, backing_id) instead of fh is answered with FOPEN_PASSTHROUGH to
+ * that backing file, without direct_io or keep_cache (the kernel refuses
+ * either with it: EIO, or reads through the daemon).  Which file, when, and
+ * for which open is the daemon's decision (reflinkfs.fuse.passthrough).
+ *
  * Writes: a write's data reaches the method as `bytes`, or for a big write
  * as a WriteData, a read-only buffer over libfuse's receive buffer (no copy);
  * a method that keeps a reference takes the receive buffer over (see
@@ -74,6 +84,7 @@
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/ioctl.h>
 #include <sys/stat.h>
 #include <sys/statvfs.h>
 #include <sys/uio.h>
@@ -97,6 +108,16 @@ struct wire_in_header {
 #define WIRE_COPY_FILE_RANGE_64 53
 #define COPY_MAX ((size_t)0xfffff000u)   /* the older copy reply carries 32 bits */
 
+/* Registering backing files for passthrough: the ioctls of /dev/fuse (struct
+ * fuse_backing_map and FUSE_DEV_IOC_BACKING_* of the FUSE protocol, 7.40). */
+struct wire_backing_map {
+    int32_t fd;
+    uint32_t flags;
+    uint64_t padding;
+};
+#define WIRE_DEV_IOC_BACKING_OPEN _IOW(229, 1, struct wire_backing_map)
+#define WIRE_DEV_IOC_BACKING_CLOSE _IOW(229, 2, uint32_t)
+
 /* ---- the table ---------------------------------------------------------- */
 
 /* How a method's value is replied. */
@@ -105,7 +126,8 @@ enum reply_kind {
     R_STATUS,    /* None -> success */
     R_ENTRY,     /* attributes -> an entry (lookup counted by the method) */
     R_ATTR,      /* attributes */
-    R_OPEN,      /* file handle -> opened with the mount's direct_io / keep_cache */
+    R_OPEN,      /* file handle -> opened with the mount's direct_io / keep_cache;
+                    (file handle, backing id) -> opened in passthrough to that backing file */
     R_OPENDIR,   /* directory handle */
     R_CREATE,    /* (file handle, attributes) */
     R_DATA,      /* a buffer, or a list or tuple of buffers (one iovec) */
@@ -145,7 +167,7 @@ static const struct op_def {
     [OP_SYMLINK] = {"symlink", R_ENTRY},              /* (parent, name, target, uid, gid) */
     [OP_RENAME] = {"rename", R_STATUS},               /* (parent, name, new_parent, new_name, flags) */
     [OP_LINK] = {"link", R_ENTRY},                    /* (ino, new_parent, new_name) */
-    [OP_OPEN] = {"open", R_OPEN},                     /* (ino, flags, pid) */
+    [OP_OPEN] = {"open", R_OPEN},                     /* (ino, flags, pid) -> fh | (fh, backing_id) */
     [OP_READ] = {"read", R_DATA},                     /* (fh, off, size) */
     [OP_WRITE] = {"write", R_WRITE},                  /* (fh, off, data) */
     [OP_RELEASE] = {"release", R_STATUS},             /* (fh) */
@@ -175,12 +197,15 @@ static PyObject *m_spawn = NULL;           /* spawn(coroutine, request) */
 static PyObject *last_exc = NULL;          /* the last exception a method raised */
 static double g_entry_timeout = 1.0, g_attr_timeout = 1.0;
 static int g_direct_io = 1, g_keep_cache = 0, g_acl = 0;
+static int g_passthrough_asked = 0;        /* serve(passthrough=True): INIT asks for it */
 static int g_bound = 0;                    /* serve() was called */
+static struct fuse_session *g_se = NULL;   /* the session our table went into (backing_open's ioctls) */
 static volatile int g_interposed = 0;      /* our table went into a session */
 static int g_deferred = 0;                 /* the request just processed was deferred */
 
 /* What INIT negotiated (see ll_init). */
-static int g_init_done = 0, g_allow_mmap = 0, g_posix_acl = 0, g_dont_mask = 0;
+static int g_init_done = 0, g_allow_mmap = 0, g_posix_acl = 0, g_dont_mask = 0, g_passthrough = 0;
+static const char *g_passthrough_why = "";   /* why INIT did not agree to passthrough ("" if it did) */
 static unsigned g_proto_major = 0, g_proto_minor = 0;
 
 static unsigned long long n_req[N_OPS], n_deferred[N_OPS], n_failed[N_OPS];
@@ -188,6 +213,7 @@ static unsigned long long n_copy_file_range_64 = 0;  /* copy requests sent as CO
 static unsigned long long n_bad = 0;             /* values that could not be replied: EIO */
 static unsigned long long n_dropped = 0;         /* deferred requests never answered: EIO */
 static unsigned long long n_chained = 0;         /* requests received by a chain */
+static unsigned long long n_passthrough_opens = 0;   /* opens answered with FOPEN_PASSTHROUGH */
 #define CHAIN_MAX 256                            /* requests per chain, at most, */
 #define CHAIN_MAX_NS 2000000LL                   /* ... and time: the loop's other work waits meanwhile */
 static long chain_wait_ns = 100000;              /* how long a chain waits for the next request */
@@ -487,10 +513,17 @@ static int reply_dirplus(fuse_req_t req, PyObject *list, size_t size)
     return 0;
 }
 
-static void set_file_info(struct fuse_file_info *fi, long long fh, int file)
+/* A file or directory handle; backing_id > 0: a passthrough open of a file. */
+static void set_file_info(struct fuse_file_info *fi, long long fh, int file, int backing_id)
 {
     fi->fh = (uint64_t)fh;
-    if (file) {
+    fi->backing_id = 0;
+    if (file && backing_id > 0) {
+        fi->backing_id = backing_id;   /* libfuse adds FOPEN_PASSTHROUGH */
+        fi->direct_io = 0;             /* with it: reads through the daemon, mmap of the backing file */
+        fi->keep_cache = 0;            /* with it: the kernel fails the open (EIO) */
+        n_passthrough_opens++;
+    } else if (file) {
         fi->direct_io = g_direct_io;
         fi->keep_cache = g_keep_cache;
     }
@@ -522,10 +555,21 @@ static int reply_value(fuse_req_t req, int op, PyObject *res, struct fuse_file_i
         fuse_reply_attr(req, &ep.attr, g_attr_timeout);
         return 0;
     case R_OPEN:
+        if (PyTuple_Check(res)) {      /* (fh, backing id): passthrough */
+            long long id;
+            if (!g_passthrough || PyTuple_GET_SIZE(res) != 2
+                || int_value(PyTuple_GET_ITEM(res, 0), 0, INT64_MAX, &v) < 0
+                || int_value(PyTuple_GET_ITEM(res, 1), 1, INT32_MAX, &id) < 0)
+                return -1;
+            set_file_info(fi, v, 1, (int)id);
+            fuse_reply_open(req, fi);
+            return 0;
+        }
+        /* fall through: a handle alone */
     case R_OPENDIR:
         if (int_value(res, 0, INT64_MAX, &v) < 0)
             return -1;
-        set_file_info(fi, v, OPS[op].reply == R_OPEN);
+        set_file_info(fi, v, OPS[op].reply == R_OPEN, 0);
         fuse_reply_open(req, fi);
         return 0;
     case R_CREATE:
@@ -533,7 +577,7 @@ static int reply_value(fuse_req_t req, int op, PyObject *res, struct fuse_file_i
             || int_value(PyTuple_GET_ITEM(res, 0), 0, INT64_MAX, &v) < 0
             || fill_entry(PyTuple_GET_ITEM(res, 1), &ep) < 0)
             return -1;
-        set_file_info(fi, v, 1);
+        set_file_info(fi, v, 1, 0);
         fuse_reply_create(req, &ep, fi);
         return 0;
     case R_DATA:
@@ -1035,13 +1079,33 @@ static void ll_copy_file_range(fuse_req_t req, fuse_ino_t ino_in, off_t off_in, 
  *   with direct_io (ENODEV).  With it, the kernel keeps a mapped inode's page
  *   cache coherent with direct reads and writes itself: a direct read or
  *   write first writes back the dirty pages of its range, and a direct write
- *   drops the cached pages it covers. */
+ *   drops the cached pages it covers.
+ * - Passthrough, when serve() was told so and the kernel offers it, with
+ *   backing files on a filesystem that is not itself stacked (so overlayfs
+ *   may still stack over this mount), and never a writeback cache (with one,
+ *   the kernel turns passthrough off).  Why not, when not, is kept for
+ *   negotiated(): the daemon says it once. */
 static void ll_init(void *userdata, struct fuse_conn_info *conn)
 {
-    conn->want &= ~FUSE_CAP_READDIRPLUS_AUTO;
+    conn->want &= ~(FUSE_CAP_READDIRPLUS_AUTO | FUSE_CAP_WRITEBACK_CACHE);
     unsigned optional = FUSE_CAP_EXPORT_SUPPORT | FUSE_CAP_DONT_MASK | FUSE_CAP_DIRECT_IO_ALLOW_MMAP
                         | (g_acl ? FUSE_CAP_POSIX_ACL : 0);
     conn->want |= conn->capable & optional;
+    g_passthrough = 0;
+    g_passthrough_why = "";
+#ifdef FUSE_CAP_PASSTHROUGH
+    if (!g_passthrough_asked)
+        g_passthrough_why = "turned off (--passthrough off)";
+    else if (!(conn->capable & FUSE_CAP_PASSTHROUGH))
+        g_passthrough_why = "the kernel does not offer it (Linux >= 6.9 with CONFIG_FUSE_PASSTHROUGH needed)";
+    else {
+        conn->want |= FUSE_CAP_PASSTHROUGH;
+        conn->max_backing_stack_depth = FUSE_BACKING_STACKED_UNDER;
+        g_passthrough = 1;
+    }
+#else
+    g_passthrough_why = "libfuse is too old (>= 3.17 needed)";
+#endif
     g_allow_mmap = (conn->want & FUSE_CAP_DIRECT_IO_ALLOW_MMAP) != 0;
     g_posix_acl = (conn->want & FUSE_CAP_POSIX_ACL) != 0;
     g_dont_mask = (conn->want & FUSE_CAP_DONT_MASK) != 0;
@@ -1109,13 +1173,16 @@ fuse_session_new_versioned(struct fuse_args *args, const struct fuse_lowlevel_op
      * for and sends no FLUSH again.  No access: with default_permissions the
      * kernel checks permissions itself.  No locks: the kernel keeps them. */
     g_interposed = 1;
-    return real(args, &ops, sizeof(ops), version, userdata);
+    g_se = real(args, &ops, sizeof(ops), version, userdata);
+    return g_se;
 }
 
 EXPORT void fuse_session_destroy(struct fuse_session *se)
 {
     session_destroy_fn real = (session_destroy_fn)dlvsym(RTLD_NEXT, "fuse_session_destroy", "FUSE_3.0");
     __atomic_add_fetch(&g_session_gen, 1, __ATOMIC_SEQ_CST);
+    if (se == g_se)
+        g_se = NULL;
     if (real != NULL)
         real(se);
 }
@@ -1192,12 +1259,12 @@ EXPORT void fuse_session_process_buf(struct fuse_session *se, const struct fuse_
 static PyObject *m_serve(PyObject *mod, PyObject *args, PyObject *kw)
 {
     static char *kwlist[] = {"ops", "spawn", "direct_io", "keep_cache", "entry_timeout", "attr_timeout",
-                             "acl", NULL};
+                             "acl", "passthrough", NULL};
     PyObject *ops, *spawn;
-    int dio = 1, kc = 0, acl = 0;
+    int dio = 1, kc = 0, acl = 0, pt = 0;
     double et = 1.0, at = 1.0;
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "OO|$ppddp:serve", kwlist, &ops, &spawn, &dio, &kc, &et, &at,
-                                     &acl))
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "OO|$ppddpp:serve", kwlist, &ops, &spawn, &dio, &kc, &et, &at,
+                                     &acl, &pt))
         return NULL;
     if (!PyCallable_Check(spawn)) {
         PyErr_SetString(PyExc_TypeError, "spawn must be callable");
@@ -1227,6 +1294,7 @@ static PyObject *m_serve(PyObject *mod, PyObject *args, PyObject *kw)
     g_entry_timeout = et;
     g_attr_timeout = at;
     g_acl = acl;
+    g_passthrough_asked = pt;
     g_bound = 1;
     Py_RETURN_NONE;
 }
@@ -1253,11 +1321,66 @@ static PyObject *m_negotiated(PyObject *mod, PyObject *unused)
 {
     if (!g_init_done)
         Py_RETURN_NONE;
-    return Py_BuildValue("{s:s,s:(II),s:O,s:O,s:O}", "libfuse", fuse_pkgversion(),
+    return Py_BuildValue("{s:s,s:(II),s:O,s:O,s:O,s:O,s:s}", "libfuse", fuse_pkgversion(),
                          "protocol", g_proto_major, g_proto_minor,
                          "direct_io_allow_mmap", g_allow_mmap ? Py_True : Py_False,
                          "posix_acl", g_posix_acl ? Py_True : Py_False,
-                         "dont_mask", g_dont_mask ? Py_True : Py_False);
+                         "dont_mask", g_dont_mask ? Py_True : Py_False,
+                         "passthrough", g_passthrough ? Py_True : Py_False,
+                         "passthrough_unavailable", g_passthrough_why);
+}
+
+/* backing_open(fd) -> id: register an open file as a backing file of the
+ * session (the kernel keeps its own reference; fd may be closed after). */
+static PyObject *m_backing_open(PyObject *mod, PyObject *arg)
+{
+    long fd = PyLong_AsLong(arg);
+    if (fd == -1 && PyErr_Occurred())
+        return NULL;
+    if (fd < 0 || fd > INT32_MAX) {
+        PyErr_SetString(PyExc_ValueError, "not a file descriptor");
+        return NULL;
+    }
+    if (g_se == NULL || !g_passthrough) {
+        PyErr_SetString(PyExc_RuntimeError, "no session with passthrough");
+        return NULL;
+    }
+    struct wire_backing_map map = {.fd = (int32_t)fd};
+    int id;
+    Py_BEGIN_ALLOW_THREADS
+    id = ioctl(fuse_session_fd(g_se), WIRE_DEV_IOC_BACKING_OPEN, &map);
+    Py_END_ALLOW_THREADS
+    if (id < 0)
+        return PyErr_SetFromErrno(PyExc_OSError);
+    if (id == 0) {
+        errno = EPROTO;
+        return PyErr_SetFromErrno(PyExc_OSError);
+    }
+    return PyLong_FromLong(id);
+}
+
+/* backing_close(id): end a registration; files open through it keep reading it. */
+static PyObject *m_backing_close(PyObject *mod, PyObject *arg)
+{
+    long v = PyLong_AsLong(arg);
+    if (v == -1 && PyErr_Occurred())
+        return NULL;
+    if (v <= 0 || v > INT32_MAX) {
+        PyErr_SetString(PyExc_ValueError, "a backing id is a positive 32-bit integer");
+        return NULL;
+    }
+    if (g_se == NULL) {
+        PyErr_SetString(PyExc_RuntimeError, "no session");
+        return NULL;
+    }
+    uint32_t id = (uint32_t)v;
+    int r;
+    Py_BEGIN_ALLOW_THREADS
+    r = ioctl(fuse_session_fd(g_se), WIRE_DEV_IOC_BACKING_CLOSE, &id);
+    Py_END_ALLOW_THREADS
+    if (r < 0)
+        return PyErr_SetFromErrno(PyExc_OSError);
+    Py_RETURN_NONE;
 }
 
 static PyObject *m_counts(PyObject *mod, PyObject *unused)
@@ -1274,9 +1397,9 @@ static PyObject *m_counts(PyObject *mod, PyObject *unused)
     }
     if (per == NULL)
         return NULL;
-    return Py_BuildValue("{s:N,s:K,s:K,s:K,s:K,s:K}", "ops", per, "chained", n_chained,
+    return Py_BuildValue("{s:N,s:K,s:K,s:K,s:K,s:K,s:K}", "ops", per, "chained", n_chained,
                          "write_kept", n_write_kept, "copy_file_range_64", n_copy_file_range_64,
-                         "bad_values", n_bad, "dropped", n_dropped);
+                         "bad_values", n_bad, "dropped", n_dropped, "passthrough_opens", n_passthrough_opens);
 }
 
 static PyObject *m_last_exception(PyObject *mod, PyObject *unused)
@@ -1287,7 +1410,7 @@ static PyObject *m_last_exception(PyObject *mod, PyObject *unused)
 static PyMethodDef module_methods[] = {
     {"serve", (PyCFunction)(void (*)(void))m_serve, METH_VARARGS | METH_KEYWORDS,
      "serve(ops, spawn, *, direct_io=True, keep_cache=False, entry_timeout=1.0, attr_timeout=1.0,\n"
-     "      acl=False)\n\n"
+     "      acl=False, passthrough=False)\n\n"
      "Answer every request of the next session with ops' methods (see the module's C source);\n"
      "call before pyfuse3.init()."},
     {"set_chain_wait", m_set_chain_wait, METH_O,
@@ -1295,6 +1418,9 @@ static PyMethodDef module_methods[] = {
     {"interposed", m_interposed, METH_NOARGS, "interposed() -> bool: the session got this table."},
     {"negotiated", m_negotiated, METH_NOARGS,
      "negotiated() -> dict | None: libfuse's version and what INIT agreed; None before INIT."},
+    {"backing_open", m_backing_open, METH_O,
+     "backing_open(fd) -> id: register a backing file for passthrough opens (OSError if refused)."},
+    {"backing_close", m_backing_close, METH_O, "backing_close(id): end a backing file's registration."},
     {"counts", m_counts, METH_NOARGS, "counts() -> dict: requests per operation, and the layer's own counts."},
     {"last_exception", m_last_exception, METH_NOARGS,
      "last_exception() -> BaseException | None: the last exception a method raised."},

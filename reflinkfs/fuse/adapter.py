@@ -14,6 +14,11 @@ Lookup counts: every entry handed to the kernel (lookup, create, tmpfile, mknod,
 readdirplus) is counted by the core until the kernel's FORGET, and an unlinked inode is freed only when
 neither an open handle nor the kernel refers to it any more, as FUSE requires.
 
+Passthrough (fuse/passthrough.py decides, this module asks and waits): a read-only open of a whole file
+may be answered `(fh, backing_id)`, so the kernel reads the segment's file itself; a change of an inode
+held open that way (a write open, truncate, clone into it) waits for those opens to be released, at most
+passthrough.WRITE_WAIT seconds, then fails with ETXTBSY.
+
 An exception that is not an `FsError` is a bug: it is logged with its traceback and answered with EIO.
 """
 from __future__ import annotations
@@ -34,6 +39,7 @@ from ..core import acl, du
 from ..core.treeclone import Cred, TreeClone, TreeProgress
 from ..core.volume import Attr, Volume
 from ..errors import FsError
+from .passthrough import WAIT, WRITE_WAIT, Passthrough
 
 log = logging.getLogger("reflinkfs.fuse")
 
@@ -72,19 +78,27 @@ def stat_tuple(a: Attr) -> tuple:
             a.atime_ns, a.mtime_ns, a.ctime_ns)
 
 
-class Handle:
-    __slots__ = ("ino", "readable", "pid")
+def writes(flags: int) -> bool:
+    """Whether an open with these flags may change the file (O_TRUNC truncates even a read-only open)."""
+    return (flags & os.O_ACCMODE) != os.O_RDONLY or bool(flags & os.O_TRUNC)
 
-    def __init__(self, ino: int, flags: int, pid: int):
+
+class Handle:
+    __slots__ = ("ino", "readable", "write", "pid", "seg")
+
+    def __init__(self, ino: int, flags: int, pid: int, seg: int | None = None):
         self.ino = ino
         self.readable = (flags & os.O_ACCMODE) in (os.O_RDONLY, os.O_RDWR)
+        self.write = writes(flags)
         self.pid = pid
+        self.seg = seg          # passthrough to this segment's file; None: the daemon path
 
 
 class Operations:
     def __init__(self, volume: Volume, status: Callable[[], dict] | None = None, acl_enabled=lambda: True,
-                 invalidate=None):
+                 invalidate=None, passthrough: Passthrough | None = None):
         self.vol = volume
+        self.pt = passthrough                     # None: every open on the daemon path
         self.status: Callable[[], dict] = status or dict   # extra statistics from the composition root
         self.acl_enabled = acl_enabled            # () -> the kernel enforces POSIX ACLs (INIT agreed)
         self.invalidate = invalidate              # invalidate(ino): drop the kernel's pages of ino (a thread)
@@ -103,6 +117,7 @@ class Operations:
         # looked_up(ino): an entry a READDIRPLUS reply carried, which the kernel counts as a lookup; the
         # request layer calls it once per entry, so it is the volume's own method, not a wrapper of it
         self.looked_up: Callable[[int], None] = volume.looked_up
+        self._pt_released = trio.Event()          # set (and replaced) when an inode's last passthrough open goes
 
     # -- the layer's hooks ---------------------------------------------------------------------
     @staticmethod
@@ -156,7 +171,7 @@ class Operations:
         return stat_tuple(self.vol.getattr(ino))
 
     def setattr(self, ino: int, to_set: int, mode: int, uid: int, gid: int, size: int, atime_ns: int,
-                mtime_ns: int, ctime_ns: int) -> tuple:
+                mtime_ns: int, ctime_ns: int):
         kw = {}
         if to_set & SET_MODE:
             kw["mode"] = mode
@@ -173,6 +188,12 @@ class Operations:
             kw["mtime_ns"] = now if to_set & SET_MTIME_NOW else mtime_ns
         if to_set & SET_CTIME:
             kw["ctime_ns"] = ctime_ns
+        if "size" in kw and self._held(ino):
+            return self._setattr_later(ino, kw)
+        return stat_tuple(self.vol.setattr(ino, **kw))
+
+    async def _setattr_later(self, ino: int, kw: dict) -> tuple:
+        await self._until_unheld(ino)
         return stat_tuple(self.vol.setattr(ino, **kw))
 
     def readlink(self, ino: int) -> bytes:
@@ -303,6 +324,7 @@ class Operations:
                   "open_handles": len(self._handles), "clones": self.clones,
                   "cloned_bytes": self.cloned_bytes,
                   "tree_clone_entries_done": self._tree_active.entries_done if self._tree_active else 0,
+                  "passthrough": self.pt.stats() if self.pt else {"mode": "off", "active": False},
                   **self.status()}
             return json.dumps(st).encode()
         if name.startswith(XATTR_CLONE_TREE + b".") and inode == ROOT_INODE:
@@ -361,7 +383,8 @@ class Operations:
             raise FsError(errno.EBADF, "the source must be open for reading by the calling process")
         await self._drop_kernel_cache(src)
         await self._drop_kernel_cache(dst)
-        self.vol.clone_file(src, dst)        # no await between the checks inside it and the change
+        await self._until_unheld(dst)
+        self.vol.clone_file(src, dst)        # no await between the checks (here and inside it) and the change
         await self._drop_kernel_cache(dst)
 
     async def _clone_tree(self, parent: int, value: bytes, pid: int) -> None:
@@ -454,11 +477,13 @@ class Operations:
                 raise
 
     # -- files ---------------------------------------------------------------------------------
-    def _new_handle(self, ino: int, flags: int, pid: int) -> int:
+    def _new_handle(self, ino: int, flags: int, pid: int, seg: int | None = None) -> int:
         fh = self._next_fh
         self._next_fh += 1
-        self._handles[fh] = Handle(ino, flags, pid)
+        h = self._handles[fh] = Handle(ino, flags, pid, seg)
         self.vol.opened(ino)
+        if self.pt is not None:
+            self.pt.opened(ino, h.write, seg)
         return fh
 
     def handle(self, fh: int) -> Handle:
@@ -467,14 +492,68 @@ class Operations:
         except KeyError:
             raise FsError(errno.EBADF) from None
 
-    def open(self, ino: int, flags: int, pid: int) -> int:
+    def open(self, ino: int, flags: int, pid: int):
+        """A handle on the daemon path, or (handle, backing id) in passthrough (see fuse/passthrough.py);
+        later when a change must wait for passthrough opens, or a passthrough open for the data file's writer."""
         a = self.vol.getattr(ino)
         if stat.S_ISDIR(a.mode):
             raise FsError(errno.EISDIR)
-        if flags & os.O_TRUNC and stat.S_ISREG(a.mode):
+        if self.pt is None or not stat.S_ISREG(a.mode):
+            return self._open_daemon(ino, flags, pid)
+        if writes(flags):
+            if self._held(ino):
+                return self._open_when_unheld(ino, flags, pid)
+            return self._open_daemon(ino, flags, pid)
+        return self._open_read(ino, flags, pid, after_wait=False)
+
+    def _open_daemon(self, ino: int, flags: int, pid: int) -> int:
+        if flags & os.O_TRUNC and stat.S_ISREG(self.vol.getattr(ino).mode):
             # libfuse 3 turns on atomic_o_trunc: the kernel passes O_TRUNC here instead of a setattr
             self.vol.setattr(ino, size=0)
         return self._new_handle(ino, flags, pid)
+
+    def _open_read(self, ino: int, flags: int, pid: int, after_wait: bool):
+        assert self.pt is not None
+        backing_id, seg = self.pt.choose(ino, self.vol.wholeness, self.vol.data.queued_in, after_wait)
+        if (backing_id, seg) == WAIT:
+            return self._open_when_written(ino, flags, pid)
+        if not backing_id:
+            return self._new_handle(ino, flags, pid)
+        assert seg is not None
+        try:
+            return self._new_handle(ino, flags, pid, seg), backing_id
+        except BaseException:
+            self.pt.unused(seg)                 # a registration made for this open alone is closed again
+            raise
+
+    async def _open_when_written(self, ino: int, flags: int, pid: int):
+        """The file is whole but writes of it are still queued: once they are in the segment's file, decide
+        again (the loop serves other requests meanwhile, so anything may have changed)."""
+        barrier = self.vol.data.barrier(lambda: None)
+        await trio.to_thread.run_sync(self.vol.data.wait_for, barrier)
+        self.vol.getattr(ino)
+        return self._open_read(ino, flags, pid, after_wait=True)
+
+    async def _open_when_unheld(self, ino: int, flags: int, pid: int) -> int:
+        await self._until_unheld(ino)
+        return self._open_daemon(ino, flags, pid)    # no await since the check: no passthrough open now
+
+    def _held(self, ino: int) -> bool:
+        return self.pt is not None and self.pt.held(ino)
+
+    async def _until_unheld(self, ino: int) -> None:
+        """Wait until ino has no passthrough open (a change must not reach a file the kernel reads from a
+        segment), at most WRITE_WAIT seconds: then ETXTBSY. Returns with no await after its last check."""
+        if not self._held(ino):
+            return
+        assert self.pt is not None
+        self.pt.write_waits += 1
+        with trio.move_on_after(WRITE_WAIT):
+            while self.pt.held(ino):
+                await self._pt_released.wait()
+        if self.pt.held(ino):
+            self.pt.busy += 1
+            raise FsError(errno.ETXTBSY, "the file is open for reading in passthrough")
 
     def create(self, parent: int, name: bytes, mode: int, flags: int, uid: int, gid: int, umask: int,
                pid: int) -> tuple:
@@ -525,6 +604,9 @@ class Operations:
     def release(self, fh: int) -> None:
         h = self._handles.pop(fh, None)
         if h is not None:
+            if self.pt is not None and self.pt.released(h.ino, h.write, h.seg):
+                self._pt_released.set()          # wake the changes waiting for this inode
+                self._pt_released = trio.Event()
             self.vol.released(h.ino)
 
     def fsync(self, fh: int, datasync: int):

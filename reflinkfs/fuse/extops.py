@@ -39,6 +39,13 @@ trio's loop; a deferred request ends the chain (its task needs the loop), and a 
 for at most 256 requests or 2 ms. Writes: a big write's data arrives as a ``WriteData``, a read-only
 buffer over libfuse's receive buffer (no copy); a method that keeps a reference takes that buffer over.
 Reads: the method returns a list of buffers, replied as one iovec.
+
+Passthrough: with ``serve(..., passthrough=True)`` INIT asks the kernel for FUSE passthrough;
+:func:`negotiated` says whether it agreed (``passthrough``) or why not (``passthrough_unavailable``).
+:func:`backing_open` registers a file the kernel may then read (and map) itself, :func:`backing_close`
+ends the registration, and an ``open`` method that returns ``(fh, backing_id)`` instead of ``fh`` has
+the open answered in passthrough to that file (never with direct_io or keep_cache). Which file and for
+which open is ``reflinkfs.fuse.passthrough``'s decision.
 """
 from __future__ import annotations
 
@@ -48,7 +55,7 @@ import sys
 from typing import Any, Callable
 
 __all__ = ["LoadOrderError", "LoadStatus", "load", "serve", "set_chain_wait", "interposed", "negotiated",
-           "counts", "last_exception"]
+           "backing_open", "backing_close", "counts", "last_exception"]
 
 _ext = None  # the loaded reflinkfs.fuse._extops module
 
@@ -108,16 +115,17 @@ def _require():
 
 
 def serve(ops: Any, spawn: Callable[[Any, Any], Any], *, direct_io: bool = True, keep_cache: bool = False,
-          entry_timeout: float = 1.0, attr_timeout: float = 1.0, acl: bool = False) -> None:
+          entry_timeout: float = 1.0, attr_timeout: float = 1.0, acl: bool = False,
+          passthrough: bool = False) -> None:
     """Answer every request of the session ``pyfuse3.init()`` creates next with ``ops``' methods.
 
     ``ops`` also has ``errno_of(op, exception) -> errno`` and ``looked_up(ino)`` (an entry a READDIRPLUS
     reply carried, which the kernel counts as a lookup). ``spawn(coroutine, request)`` runs a deferred
     method's coroutine and answers through the :class:`Request`. Open and create replies carry
     ``direct_io`` and ``keep_cache``; entries and attributes carry the timeouts; ``acl`` asks the
-    kernel for POSIX ACLs."""
+    kernel for POSIX ACLs; ``passthrough`` asks it for FUSE passthrough."""
     _require().serve(ops, spawn, direct_io=direct_io, keep_cache=keep_cache, entry_timeout=entry_timeout,
-                     attr_timeout=attr_timeout, acl=acl)
+                     attr_timeout=attr_timeout, acl=acl, passthrough=passthrough)
 
 
 def set_chain_wait(wait_us: int) -> None:
@@ -132,15 +140,29 @@ def interposed() -> bool:
 
 def negotiated() -> dict | None:
     """What INIT agreed with the kernel: ``{'libfuse': version, 'protocol': (major, minor),
-    'direct_io_allow_mmap': bool, 'posix_acl': bool, 'dont_mask': bool}``, or None before INIT."""
+    'direct_io_allow_mmap': bool, 'posix_acl': bool, 'dont_mask': bool, 'passthrough': bool,
+    'passthrough_unavailable': why not ('' when agreed)}``, or None before INIT."""
     return _require().negotiated()
+
+
+def backing_open(fd: int) -> int:
+    """Register open file ``fd`` as a backing file of the session; returns its id (> 0). The kernel
+    keeps its own reference, so ``fd`` may be closed afterwards. OSError when the kernel refuses (EPERM:
+    no CAP_SYS_ADMIN; ELOOP: the file is on a stacked filesystem)."""
+    return _require().backing_open(fd)
+
+
+def backing_close(backing_id: int) -> None:
+    """End a registration. Files the kernel opened through it keep reading it until they close."""
+    _require().backing_close(backing_id)
 
 
 def counts() -> dict:
     """``{'ops': {name: {'requests', 'deferred', 'failed'}}`` for each operation served so far, and the
     layer's own counts: ``chained`` (requests received by a chain), ``write_kept`` (receive buffers a
     write's data took over), ``copy_file_range_64`` (copy requests relabelled), ``bad_values`` (values
-    that could not be replied, answered EIO) and ``dropped`` (deferred requests never answered: EIO)."""
+    that could not be replied, answered EIO), ``dropped`` (deferred requests never answered: EIO) and
+    ``passthrough_opens`` (opens answered in passthrough)."""
     return _require().counts()
 
 

@@ -40,6 +40,7 @@ class MountOptions:
     kernel_cache: bool = False
     commit_interval: float = 5.0
     lock_fd: int | None = None       # the store's lock, when the mount command took it (the volume owns it)
+    passthrough: str = "auto"        # auto: whole files opened read-only go to the kernel if it can; off
 
 
 def fuse_option_set(opts: MountOptions) -> set[str]:
@@ -63,7 +64,9 @@ def run(opts: MountOptions, ready=None) -> int:
 
     from ..core.cache import CacheBase, make_io
     from ..core.volume import Volume
+    from ..meta.schema import SEGS_NAME
     from .adapter import ATTR_TIMEOUT, ENTRY_TIMEOUT, Operations
+    from .passthrough import Passthrough, has_cap_sys_admin
 
     started = time.monotonic()
     small = os.environ.get("REFLINKFS_SMALL_FILE_BYTES")     # for tests and benchmarks: see Volume._place
@@ -73,13 +76,16 @@ def run(opts: MountOptions, ready=None) -> int:
     volume = Volume.open(opts.store, io_factory=make_io(opts.cache, cache_size), lock_fd=opts.lock_fd)
     if small is not None:
         volume.small_file_bytes = int(small)
+    pt = Passthrough(os.path.join(opts.store, SEGS_NAME), wanted=passthrough_refused(opts, has_cap_sys_admin()),
+                     register=extops.backing_open, unregister=extops.backing_close,
+                     negotiated=extops.negotiated)
     try:
         if isinstance(volume.io, CacheBase):
             volume.io.budget_source = source
         else:
             watch = None                  # no cache: nothing to size
         ops = Operations(volume, acl_enabled=lambda: bool((extops.negotiated() or {}).get("posix_acl")),
-                         invalidate=lambda ino: pyfuse3.invalidate_inode(ino, False),
+                         invalidate=lambda ino: pyfuse3.invalidate_inode(ino, False), passthrough=pt,
                          status=lambda: {"extops": extops.counts(), "negotiated": extops.negotiated(),
                                          "copy_file_range_handled": extops.interposed(),
                                          "code": os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
@@ -88,7 +94,8 @@ def run(opts: MountOptions, ready=None) -> int:
                                          "fuse_options": sorted(fuse_option_set(opts)),
                                          "uptime_s": time.monotonic() - started})
         extops.serve(ops, ops.spawn, direct_io=not opts.kernel_cache, keep_cache=False,
-                     entry_timeout=ENTRY_TIMEOUT, attr_timeout=ATTR_TIMEOUT, acl=True)
+                     entry_timeout=ENTRY_TIMEOUT, attr_timeout=ATTR_TIMEOUT, acl=True,
+                     passthrough=pt.mode == "auto")
         pyfuse3.init(pyfuse3.Operations(), opts.mountpoint, fuse_option_set(opts))   # its table is replaced
         try:
             if not extops.interposed():
@@ -111,9 +118,20 @@ def run(opts: MountOptions, ready=None) -> int:
         finally:
             pyfuse3.close(unmount=True)
     finally:
+        pt.close()
         with signals_ignored():
             volume.close()
     return 0
+
+
+def passthrough_refused(opts: MountOptions, cap_sys_admin: bool) -> str:
+    """Why passthrough is not even asked of the kernel ('' when it is): what the kernel says comes at INIT."""
+    from .passthrough import precheck
+    if opts.passthrough == "off":
+        return "turned off (--passthrough off)"
+    if opts.kernel_cache:
+        return "not with --kernel-cache (the kernel would cache files per inode besides)"
+    return precheck(cap_sys_admin, os.uname().release)
 
 
 @contextlib.contextmanager

@@ -141,7 +141,8 @@ def test_every_mount_option_has_an_o_form():
     defaults = vars(args)
     covered = {"store", "mountpoint", "fuse_options", "cmd", "handler"}   # handler: the dispatch, no option
     for name, (flag, takes_value) in mounthelper.TABLE.items():
-        value = {"cache": "inode", "cache_size": "1G", "commit_interval": "2.5", "log": "/tmp/l"}.get(name)
+        value = {"cache": "inode", "cache_size": "1G", "commit_interval": "2.5", "log": "/tmp/l",
+                 "passthrough": "off"}.get(name)
         argv = mounthelper.translate([f"{name}={value}" if takes_value else name])
         parsed = vars(cli.parse_args(["mount", "S", "M", *argv]))
         changed = {k for k in parsed if parsed[k] != defaults[k]}
