@@ -3,8 +3,8 @@ own filesystem, side by side in one run.
 
     python scripts/bench_passthrough.py [--size 256M] [--repeat 3] [--tree-files 1500] [--prog EXE] [--out DIR]
 
-Two stores are made with the same files, each laid out whole in a segment of its own (tests/_layout.py,
-until the store allocates whole files itself): `base` (--size random bytes), `prog` (a copy of --prog, an
+Two stores are made with the same files, each written from empty and so whole in a segment of its
+own: `base` (--size random bytes), `prog` (a copy of --prog, an
 executable: the system's python3) and `tree` (the first --tree-files files of the Python standard library). Both are
 mounted at once, `on` with --passthrough auto and `off` with --passthrough off, and 8 clones of each are
 made in each (cp --reflink=auto; reflinkfs clone -r for the tree).
@@ -70,8 +70,7 @@ def stdlib_files(limit: int) -> list[tuple[str, bytes]]:
 
 
 def make_store(store: Path, base: bytes, prog: bytes, tree: list[tuple[str, bytes]]) -> None:
-    """mkfs, the files written through the volume, then each laid out whole in a segment of its own."""
-    from _layout import place
+    """mkfs, then the files written from empty through the volume: each whole in a segment of its own."""
     from reflinkfs.core.volume import Volume
     from reflinkfs.meta.schema import mkfs
     mkfs(str(store))
@@ -90,8 +89,10 @@ def make_store(store: Path, base: bytes, prog: bytes, tree: list[tuple[str, byte
         ino = v.create(dirs[parent], Path(rel).name.encode(), 0o644, 0, 0).ino
         v.write(ino, 0, data)
         inos.append(ino)
+    not_whole = [ino for ino in inos if not v.wholeness(ino).whole]
     v.close()
-    place(str(store), {ino: n + 1 for n, ino in enumerate(inos)})
+    if not_whole:
+        raise SystemExit(f"bench_passthrough: {len(not_whole)} files written from empty are not whole")
 
 
 def store_files(store: Path) -> list[Path]:

@@ -27,8 +27,7 @@ Modes (each on a fresh store and mount; the kernel's caches are dropped between 
                 the kernel from their one segment file (its page cache is counted as the store's)
   passthrough-mmap  the same, mapped and touched as in mmap
                 The modes before these run with --passthrough off, so that they measure the daemon path.
-                Until the store allocates whole files itself (identity allocation), the base file is laid
-                out whole in a segment of its own between two mounts (tests/_layout.py), and a note says so.
+                The base file, written from empty, is whole in a segment of its own; a note says if not.
   xfs           the kernel's own behaviour: XFS made with `mkfs.xfs -m reflink=1` on a loop device,
                 copies made with `cp --reflink=always`; memory = page cache growth. Needs root, losetup and
                 mkfs.xfs (xfsprogs is installed only with --install-xfs); skipped with the reason otherwise
@@ -246,19 +245,10 @@ def run_reflinkfs(mode: str, args, work: Path) -> dict:
 
 
 def lay_out_whole(m: "ml.ReflinkfsMount", base: Path, notes: list) -> None:
-    """Make the base file whole (one segment holds exactly its bytes) if the store did not: unmount, lay
-    it out in a segment of its own (tests/_layout.py, what the tests do until the store allocates whole
-    files itself), mount again."""
-    if ml.file_info(base)["whole"]:
-        return
-    ino = os.stat(base).st_ino
-    m.stop()
-    sys.path.insert(0, str(HERE.parent / "tests"))
-    from _layout import place
-    place(m.store, {ino: 1})
-    m.start()
-    notes.append("the base file was laid out whole in segment 1 between two mounts (tests/_layout.py): "
-                 "the store does not allocate whole files itself yet")
+    """The base file was written from empty, so the store laid it out whole (one segment holds exactly
+    its bytes); say so in the notes if it is not, since its copies then take the daemon path."""
+    if not ml.file_info(base)["whole"]:
+        notes.append("the base file is NOT whole: its copies were read through the daemon, not passthrough")
 
 
 def _xfs_unavailable(install: bool) -> str | None:

@@ -89,7 +89,8 @@ def _data_file_page_cache(store) -> int:
 
 @pytest.mark.parametrize("mode", ["shared", "inode"])
 def test_four_reflinked_copies_on_a_mount(mounts, mode):
-    m = mounts.mount(mounts.store(), options=["--cache", mode, "--cache-size", "256M"], foreground=False)
+    m = mounts.mount(mounts.store(), options=["--cache", mode, "--cache-size", "256M", "--passthrough", "off"],
+                     foreground=False)
     paths = _populate(m)
     read_before = _status(m)["data_file"]["bytes_read"]     # writes may read blocks they merge into
     fds = _read_all(paths)

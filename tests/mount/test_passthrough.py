@@ -3,8 +3,9 @@ the kernel from their segment's file, one registration shared by all clones, wit
 daemon; every other open stays on the daemon path; a change of a file held open in passthrough waits for
 its readers, then fails with ETXTBSY; after a file stops being whole nothing reads its old bytes.
 
-Files are laid out in segments before mounting (`_layout.place`: nothing allocates into segments other
-than 0 yet); `cp --reflink=auto` copies share them. Where the kernel or the daemon cannot do passthrough
+Files written from empty are whole in a segment of their own (the allocator's identity layout); files
+named z* are kept in segment 0 (Volume.small_file_bytes), which is never whole; `cp --reflink=auto`
+copies share segments. Where the kernel or the daemon cannot do passthrough
 these tests skip, unless REFLINKFS_REQUIRE_FUSE=1 (CI), which makes them fail.
 """
 from __future__ import annotations
@@ -23,7 +24,6 @@ import pytest
 
 from pathlib import Path
 
-from _layout import place
 from mountutil import assert_fsck_clean, is_mounted, run_cli, wait_for
 from reflinkfs.core.volume import Volume
 
@@ -58,16 +58,18 @@ def need_passthrough(m) -> None:
 
 
 def whole_store(mounts, **files) -> str:
-    """A store with the given files (name -> (bytes, mode)), each laid out whole in a segment of its own;
+    """A store with the given files (name -> (bytes, mode)), each written whole into a segment of its own;
     a file named z* stays in segment 0."""
     store = mounts.store()
     v = Volume.open(str(store))
     ino = {}
     for name, (data, mode) in files.items():
+        v.small_file_bytes = 1 << 62 if name.startswith("z") else 0
         ino[name] = v.create(1, name.encode(), mode, 0, 0).ino
         v.write(ino[name], 0, data)
+    for name, i in ino.items():
+        assert v.wholeness(i).whole != name.startswith("z"), name
     v.close()
-    place(str(store), {i: n + 1 for n, (name, i) in enumerate(ino.items()) if not name.startswith("z")})
     return store
 
 

@@ -160,7 +160,10 @@ def _worker(d: str, p: int, deadline: float, result_path: str) -> None:
 
 # -- the test -------------------------------------------------------------------------------------------------
 def run_stress(mounts, tmp_path, seconds: float):
-    m = mounts.mount(mounts.store())
+    # the daemon path: with passthrough a truncate or write open of a file another worker reads through the
+    # kernel fails with ETXTBSY by design (README), which this model does not predict (test_passthrough.py
+    # covers readers and writers in two processes with passthrough)
+    m = mounts.mount(mounts.store(), options=["--passthrough", "off"])
     d = m.mnt / "stress"
     d.mkdir()
     for name in FILES:
