@@ -234,6 +234,23 @@ def cmd_clone(args) -> int:
 PROGRESS_AFTER = 0.5     # seconds before a progress bar appears (small trees show none)
 
 
+def _wait_for_tree_clone(root: str, query: str, src: str, dst: str) -> dict:
+    """Poll a started tree clone's outcome until it is done (returned) or failed (StoreError)."""
+    pause = 0.001
+    while True:
+        try:
+            info = json.loads(os.getxattr(root, query))
+        except OSError as e:
+            raise StoreError(f"cannot clone {src} to {dst}: lost the clone's outcome ({e.strerror})") from None
+        if info.get("phase") == "done":
+            return info
+        if info.get("phase") == "failed":
+            reason = info.get("error") or os.strerror(info.get("errno") or errno.EIO)
+            raise StoreError(f"cannot clone {src} to {dst}: {reason}")
+        time.sleep(pause)
+        pause = min(pause * 2, 0.05)
+
+
 def _clone_tree_request(root: str, src: str, dst: str) -> dict:
     """`clone -r` as one request: the daemon clones the tree and makes DST appear at once (see
     core/treeclone.py). A progress bar on a terminal while it runs; the outcome as a dict."""
@@ -273,20 +290,20 @@ def _clone_tree_request(root: str, src: str, dst: str) -> dict:
         watcher.start()
     pfd = os.open(parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
-        os.setxattr(pfd, XATTR_CLONE_TREE, b"%d\0%s\0%s" % (src_ino, token.encode(), name))
-    except OSError as e:
-        info = outcome()
-        reason = info.get("error") or e.strerror
-        if e.errno in (errno.EPERM, errno.EACCES) and not info.get("error"):
-            reason = "permission denied"
-        raise StoreError(f"cannot clone {src} to {dst}: {reason}") from None
+        # answered once the clone has started (the kernel locks DST's parent until then); the outcome is
+        # polled on the root, which takes no directory lock
+        try:
+            os.setxattr(pfd, XATTR_CLONE_TREE, b"%d\0%s\0%s" % (src_ino, token.encode(), name))
+        except OSError as e:
+            reason = "permission denied" if e.errno in (errno.EPERM, errno.EACCES) else e.strerror
+            raise StoreError(f"cannot clone {src} to {dst}: {reason}") from None
+        info = _wait_for_tree_clone(root, query, src, dst)
     finally:
         os.close(pfd)
         if watcher and done:
             done.set()
             watcher.join()
             bar.close()
-    info = outcome()
     return {"entries": info.get("entries_done"), "bytes_shared": info.get("bytes_shared"),
             "seconds": info.get("seconds"), "longest_step_ms": info.get("longest_step_ms")}
 

@@ -387,14 +387,17 @@ class Operations:
         self.vol.clone_file(src, dst)        # no await between the checks (here and inside it) and the change
         await self._drop_kernel_cache(dst)
 
-    async def _clone_tree(self, parent: int, value: bytes, pid: int) -> None:
+    def _clone_tree(self, parent: int, value: bytes, pid: int) -> None:
         """`reflinkfs clone -r`: clone directory SRC as (parent, name) in one request (core/treeclone.py).
 
         The caller's credentials (from /proc, as FUSE gives setxattr only the pid) decide what it may
-        clone, checked as `cp -r` would be; the kernel has checked write permission on parent. The tree
-        is built in batches, each one operation, with the loop serving other requests between them; the
-        new name appears at once at the end. Its progress and outcome are read from the root's
-        ...clone-tree.<token> attribute."""
+        clone, checked as `cp -r` would be; the kernel has checked write permission on parent. The
+        request is answered once the clone is started, not when it ends: the kernel holds parent's
+        inode lock until a setxattr is answered, which would stop every lookup, listing and create in
+        parent for the whole clone. The tree is built in batches, each one operation, with the loop
+        serving other requests between them; the new name appears at once at the end. Its progress and
+        outcome (phase "done" or "failed", with the error) are read from the root's
+        ...clone-tree.<token> attribute, which the command polls."""
         try:
             src_s, token, name = value.split(b"\0", 2)
             src = int(src_s)
@@ -403,12 +406,18 @@ class Operations:
         if not token or len(token) > 64:
             raise FsError(errno.EINVAL, "bad clone-tree token")
         cred = Cred.of_pid(pid)
-        started = time.monotonic()
-        longest = 0.0
         outcome: dict = {"phase": "waiting", "entries_total": 0, "entries_done": 0, "bytes_shared": 0}
         self._tree_clones[token] = outcome
         while len(self._tree_clones) > TREE_RESULTS:
             del self._tree_clones[next(iter(self._tree_clones))]
+        assert self.nursery is not None, "requests come only while the mount's nursery runs"
+        self.nursery.start_soon(self._run_tree_clone, parent, src, name, token, cred, outcome,
+                                name="tree clone")
+
+    async def _run_tree_clone(self, parent: int, src: int, name: bytes, token: bytes, cred, outcome: dict):
+        """The clone `_clone_tree` started; every outcome, failure included, goes to outcome's entry."""
+        started = time.monotonic()
+        longest = 0.0
         try:
             async with self._tree_lock:
                 # files held open may have dirty mapped pages: have the kernel write them back first, so
@@ -453,16 +462,22 @@ class Operations:
                          time.monotonic() - started, longest * 1000)
                 self.clones += 1
                 self.cloned_bytes += progress.bytes_shared
-                self._tree_clones[token] = report()
+                final = report()
+                self._tree_clones[token] = dict(final, phase="settling")   # "done" once the kernel knows
         except FsError as e:
             outcome.update(phase="failed", error=e.message, errno=e.errno,
                            path=os.fsdecode(getattr(e, "path", b"") or b"") or None)
             self._tree_clones[token] = outcome
-            raise
+            return
+        except Exception as e:  # noqa: BLE001 - a bug fails this clone (logged), not the mount
+            log.exception("tree clone failed")
+            outcome.update(phase="failed", error=f"internal error: {e}", errno=errno.EIO, path=None)
+            self._tree_clones[token] = outcome
+            return
         # The kernel cached parent's attributes (nlink, mtime); it caches no negative entry for name (a
-        # failed lookup is answered with an error, not an entry). Invalidating the entry here would
-        # deadlock: the kernel holds parent's inode lock for this setxattr until it is answered.
+        # failed lookup is answered with an error, not an entry).
         await self._drop_kernel_cache(parent)
+        self._tree_clones[token] = final
 
     async def _drop_kernel_cache(self, ino: int) -> None:
         """Have the kernel write back the inode's dirty mapped pages and drop its cached pages and

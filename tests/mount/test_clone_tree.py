@@ -132,3 +132,35 @@ def test_kill_during_a_tree_clone_leaves_no_dst_or_all_of_it(mounts, tmp_path):
 def _entries_done(mnt) -> int:
     st = status(mnt)
     return st.get("tree_clone_entries_done", 0)
+
+
+def test_dst_parent_answers_while_the_clone_runs(mounts):
+    """The request is answered when the clone starts: the kernel holds DST's parent locked until then, so
+    a listing of that directory during the clone is answered at once (without DST, which appears only at
+    the end), not after the whole clone."""
+    from reflinkfs.core.volume import Volume
+    store = mounts.store()
+    v = Volume.open(str(store))
+    src = v.mkdir(1, b"src", 0o755, 0, 0).ino
+    for d in range(40):
+        sub = v.mkdir(src, b"d%02d" % d, 0o755, 0, 0).ino
+        for i in range(1000):
+            v.create(sub, b"f%03d" % i, 0o644, 0, 0)
+    parent = v.mkdir(1, b"p", 0o755, 0, 0).ino
+    v.create(parent, b"other", 0o644, 0, 0)
+    v.close()
+    m = mounts.mount(store)
+    clone = subprocess.Popen(cli_cmd("clone", "-r", m.mnt / "src", m.mnt / "p" / "dst"),
+                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        wait_for(lambda: _entries_done(m.mnt) > 0 or clone.poll() is not None, 60, "clone progress")
+        assert clone.poll() is None, "the clone ended before it could be observed"
+        during = os.listdir(m.mnt / "p")
+        assert clone.wait(timeout=120) == 0, clone.stderr.read() if clone.stderr else ""
+    finally:
+        if clone.poll() is None:
+            clone.kill()
+            clone.wait()
+    assert during == ["other"], during
+    assert sorted(os.listdir(m.mnt / "p")) == ["dst", "other"]
+    assert len(os.listdir(m.mnt / "p" / "dst" / "d39")) == 1000
