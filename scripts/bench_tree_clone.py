@@ -1,7 +1,7 @@
 """How long `reflinkfs clone -r` of whole trees takes, against `cp -a --reflink=auto` in the mount and XFS
 `cp -a --reflink=always` on a loop device, and the longest stall a concurrent stat loop sees.
 
-    python scripts/bench_tree_clone.py [--tree /usr/lib/python3.11] [--files 100000] [--dir DIR]
+    python scripts/bench_tree_clone.py [--tree /usr/lib/python3.11] [--files 100000,1000000] [--dir DIR]
 
 A benchmark, not a test. Trees: the --tree directory (the standard library), 10 copies of it, and
 --files generated small files (100 per directory, written through the core into the unmounted store). Each command is timed from outside, start-up
@@ -80,7 +80,7 @@ def count_entries(root: Path) -> int:
     return sum(len(d) + len(f) for _, d, f in os.walk(root))
 
 
-def generate(store: Path, files: int) -> None:
+def generate(store: Path, files: int, name: str) -> None:
     """--files small files, 100 per directory, written into the closed store through the core (making a
     million through FUSE would take most of an hour); their blocks go to segment 0, which changes nothing
     for a clone (it copies extent records and adds references, wherever the blocks are)."""
@@ -88,7 +88,7 @@ def generate(store: Path, files: int) -> None:
     from reflinkfs.core.volume import Volume
     v = Volume.open(str(store))
     v.small_file_bytes = 1 << 62
-    gen = v.mkdir(1, b"gen", 0o755, 0, 0).ino
+    gen = v.mkdir(1, name.encode(), 0o755, 0, 0).ino
     for d in range(files // 100):
         sub = v.mkdir(gen, b"d%05d" % d, 0o755, 0, 0).ino
         for i in range(100):
@@ -103,9 +103,14 @@ def generate(store: Path, files: int) -> None:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--tree", default=f"/usr/lib/python{sys.version_info.major}.{sys.version_info.minor}")
-    ap.add_argument("--files", type=int, default=100_000)
+    ap.add_argument("--files", default="100000,1000000",
+                    help="comma-separated sizes of the generated trees (default 100000,1000000)")
     ap.add_argument("--dir", default=None)
     args = ap.parse_args(argv)
+    try:
+        counts = [int(x) for x in args.files.split(",")]
+    except ValueError:
+        ap.error(f"--files {args.files!r}: give numbers of files, comma-separated")
     os.environ["PYTHONPATH"] = str(REPO)
     os.environ.pop("PYTHONDONTWRITEBYTECODE", None)    # an installed package has its bytecode cached
     base = Path(tempfile.mkdtemp(prefix="bench-tree-", dir=args.dir))
@@ -125,12 +130,14 @@ def main(argv=None) -> int:
         for i in range(10):
             sh(*CLI, "clone", "-r", one, ten / f"c{i}")
         sh(*CLI, "umount", mnt)          # start from a committed store, as after a normal day
-        generate(store, args.files)
-        gen = mnt / "gen"
+        gens = []
+        for n in counts:
+            generate(store, n, f"gen{n}")
+            gens.append((f"{n} files", mnt / f"gen{n}"))
         sh(*CLI, "mount", store, mnt)
         probe = mnt / "one" / "no-such-name"           # not DST's parent: see the module notes
         in_parent = mnt / "no-such-name"                # DST's parent (DST is mnt/rc-...)
-        for label, tree in (("stdlib", one), ("10x stdlib", ten), (f"{args.files} files", gen)):
+        for label, tree in [("stdlib", one), ("10x stdlib", ten), *gens]:
             n = count_entries(tree)
             with StatLoop(probe) as s, StatLoop(in_parent) as p:
                 t, out = timed_out(*CLI, "clone", "-r", "--json", tree, mnt / f"rc-{tree.name}")
@@ -140,7 +147,7 @@ def main(argv=None) -> int:
             rows.append((label, n, "reflinkfs clone -r", t,
                          f"{s.worst * 1000:.1f} ms (idle {idle.worst * 1000:.1f} ms; in DST's parent "
                          f"{p.worst * 1000:.0f} ms; longest daemon step {step:.1f} ms)"))
-            if tree is not gen:
+            if tree in (one, ten):
                 rows.append((label, n, "reflinkfs cp -a --reflink=auto", timed("cp", "-a", "--reflink=auto", tree,
                                                                               mnt / f"cp-{tree.name}"), ""))
         # XFS on a loop device
