@@ -223,7 +223,8 @@ def run_reflinkfs(mode: str, args, work: Path) -> dict:
         base = mnt / "base"
         digest = write_random(base, args.size)
         if mode in PASSTHROUGH:
-            lay_out_whole(m, base, notes)
+            if not ml.file_info(base)["whole"]:      # written from empty, the store lays it out whole
+                notes.append("the base file is NOT whole: its copies were read through the daemon")
             pt = ml.mount_status(mnt)["passthrough"]
             if not pt["active"]:
                 notes.append(f"passthrough unavailable: {pt['unavailable']}")
@@ -242,13 +243,6 @@ def run_reflinkfs(mode: str, args, work: Path) -> dict:
             notes.append(f"passthrough opens {pt['opens']}, backing files now {pt['backing_files']}, "
                          f"daemon path instead: {pt['refusals'] or 'never'}")
     return {"points": points, "notes": notes, "daemon_pid": m.pid}
-
-
-def lay_out_whole(m: "ml.ReflinkfsMount", base: Path, notes: list) -> None:
-    """The base file was written from empty, so the store laid it out whole (one segment holds exactly
-    its bytes); say so in the notes if it is not, since its copies then take the daemon path."""
-    if not ml.file_info(base)["whole"]:
-        notes.append("the base file is NOT whole: its copies were read through the daemon, not passthrough")
 
 
 def _xfs_unavailable(install: bool) -> str | None:
